@@ -1,0 +1,285 @@
+"""Simulate a training (or inference) step on fake tensors and record every allocation.
+
+A TorchDispatchMode sees each aten op's outputs; a storage never seen before is a new
+allocation, and a weakref finalizer on the storage tells us when autograd, the optimizer
+or Python let it go. Roles come from what a storage turns out to be: saved for backward
+(``saved_tensors_hooks``), accumulated into ``.grad``, kept in ``optimizer.state``.
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from memlint.ledger import Ledger
+
+aten = torch.ops.aten
+
+# Ops whose output size depends on tensor values. On fake tensors we assume the largest
+# output (every element selected), which can only over-estimate, and say so.
+_DYNAMIC_SHAPE_OPS = {
+    aten.nonzero.default: lambda x: torch.empty((x.numel(), x.dim()), dtype=torch.long, device=x.device),
+    aten.masked_select.default: lambda x, mask: torch.empty(
+        (torch.broadcast_shapes(x.shape, mask.shape).numel(),), dtype=x.dtype, device=x.device),
+}
+
+
+@dataclass
+class Assumptions:
+    """What the simulation had to assume about values it cannot see; reported to the user."""
+
+    notes: dict[str, int] = field(default_factory=dict)
+
+    def add(self, note: str) -> None:
+        self.notes[note] = self.notes.get(note, 0) + 1
+
+    def render(self) -> list[str]:
+        return [f"{note} ({count}x)" if count > 1 else note for note, count in self.notes.items()]
+
+
+class StorageTracker:
+    """Maps live storages to ledger ids and knows which module and phase we are in."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.sid_of: dict[int, int] = {}
+        self.module_stack: list[str] = []
+        self.phase = "setup"
+
+    @property
+    def module(self) -> str | None:
+        return self.module_stack[-1] if self.module_stack else None
+
+    def sid(self, tensor: torch.Tensor) -> int | None:
+        return self.sid_of.get(tensor.untyped_storage()._cdata)
+
+    def track(self, tensor: torch.Tensor, role: str = "temporaries", module: str | None = None) -> int | None:
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        known = self.sid_of.get(key)
+        if known is not None:
+            return known
+        nbytes = storage.nbytes()
+        if nbytes == 0:
+            return None
+        sid = self.ledger.allocate(nbytes, role, module if module is not None else self.module, self.phase)
+        self.sid_of[key] = sid
+        weakref.finalize(storage, self._release, key, sid)
+        return sid
+
+    def _release(self, key: int, sid: int) -> None:
+        if self.sid_of.get(key) == sid:
+            del self.sid_of[key]
+            self.ledger.free(sid)
+
+    def retag(self, tensor: torch.Tensor, role: str, only_from: tuple[str, ...] = ("temporaries",),
+              module: str | None = None) -> None:
+        sid = self.track(tensor)
+        if sid is None:
+            return
+        info = self.ledger.storages[sid]
+        if info.role in only_from:
+            info.role = role
+            if module is not None:
+                info.module = module
+
+
+class ValueAssumingMode(TorchDispatchMode):
+    """Answers questions about values that fake tensors do not have, and records the assumption.
+
+    ``.item()`` gets 1 (ints), 0.5 (floats) or True (bools); ``nonzero``-like ops select every
+    element. Without this, stochastic depth or a data-dependent mask would stop the analysis.
+    """
+
+    def __init__(self, assumptions: Assumptions) -> None:
+        super().__init__()
+        self.assumptions = assumptions
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is aten._local_scalar_dense.default:
+            return self._assumed_scalar(args[0])
+        if func in _DYNAMIC_SHAPE_OPS:
+            self.assumptions.add(f"{func.__name__}: assumed every element selected (an upper bound)")
+            out = _DYNAMIC_SHAPE_OPS[func](*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        self.record(func, out)
+        return out
+
+    def record(self, func: Any, out: Any) -> None:
+        """Hook for subclasses that want to see every op's outputs."""
+
+    def _assumed_scalar(self, tensor: torch.Tensor) -> Any:
+        if tensor.dtype == torch.bool:
+            value: Any = True
+        elif tensor.dtype.is_floating_point or tensor.dtype.is_complex:
+            value = 0.5
+        else:
+            value = 1
+        self.assumptions.add(f".item() on a {str(tensor.dtype).removeprefix('torch.')} tensor: assumed {value}")
+        return value
+
+
+class AllocationRecorder(ValueAssumingMode):
+    """Records every op's output storages in the ledger."""
+
+    def __init__(self, tracker: StorageTracker, assumptions: Assumptions) -> None:
+        super().__init__(assumptions)
+        self.tracker = tracker
+
+    def record(self, func: Any, out: Any) -> None:
+        self.tracker.ledger.mark_op(func.__name__, self.tracker.phase)
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor):
+                self.tracker.track(value)
+
+
+@contextlib.contextmanager
+def module_scope(tracker: StorageTracker, model: torch.nn.Module) -> Iterator[None]:
+    """Keep ``tracker.module_stack`` equal to the modules whose forward is running."""
+    names = {module: name or "(model)" for name, module in model.named_modules(remove_duplicate=False)}
+
+    def enter(module: torch.nn.Module, _args: Any) -> None:
+        name = names.get(module)
+        if name is not None:
+            tracker.module_stack.append(name)
+
+    def leave(module: torch.nn.Module, _args: Any, _output: Any) -> None:
+        if module in names and tracker.module_stack:
+            tracker.module_stack.pop()
+
+    pre = torch.nn.modules.module.register_module_forward_pre_hook(enter)
+    post = torch.nn.modules.module.register_module_forward_hook(leave, always_call=True)
+    try:
+        yield
+    finally:
+        pre.remove()
+        post.remove()
+
+
+@dataclass
+class StepPlan:
+    """One simulated step: how to make inputs, compute the loss and update the weights."""
+
+    mode: str
+    make_inputs: Callable[[], tuple[tuple, dict]]
+    loss_fn: Callable[[Any, tuple, dict], torch.Tensor]
+    optimizer_factory: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None
+    autocast_dtype: torch.dtype | None = None
+    iterations: int = 3
+
+
+@dataclass
+class SimulationResult:
+    ledger: Ledger
+    assumptions: list[str]
+    activation_bytes_by_module: dict[str, int]
+    parameter_owner: dict[int, str]
+    output: Any = None
+
+
+def simulate_step(model: torch.nn.Module, plan: StepPlan, fake_mode: Any,
+                  extra_modes: tuple[Any, ...] = ()) -> SimulationResult:
+    """Run ``plan.iterations`` steps on fake tensors under an AllocationRecorder."""
+    ledger = Ledger()
+    tracker = StorageTracker(ledger)
+    assumptions = Assumptions()
+    owner = _register_model_state(tracker, model)
+    activation_by_module: dict[str, int] = {}
+    counted: set[int] = set()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        sid = tracker.track(tensor)
+        if sid is not None and ledger.storages[sid].role == "temporaries":
+            ledger.storages[sid].role = "activations"
+            if sid not in counted:
+                counted.add(sid)
+                module = ledger.storages[sid].module or "(model)"
+                activation_by_module[module] = activation_by_module.get(module, 0) + ledger.storages[sid].nbytes
+        return tensor
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_hooks = [p.register_post_accumulate_grad_hook(
+        lambda p: tracker.retag(p.grad, "gradients", module=owner.get(id(p)))) for p in params] \
+        if plan.mode == "train" else []
+    output = None
+    with fake_mode, contextlib.ExitStack() as stack:
+        for mode in extra_modes:
+            stack.enter_context(mode)
+        stack.enter_context(AllocationRecorder(tracker, assumptions))
+        stack.enter_context(module_scope(tracker, model))
+        optimizer = plan.optimizer_factory(params) if plan.mode == "train" and plan.optimizer_factory else None
+        model.train(plan.mode == "train")
+        for _ in range(plan.iterations if plan.mode == "train" else 1):
+            ledger.mark_iteration()
+            output = _one_iteration(model, plan, tracker, optimizer, pack)
+        for hook in grad_hooks:
+            hook.remove()
+    return SimulationResult(ledger, assumptions.render(), activation_by_module,
+                            {sid: name for sid, name in _param_sids(tracker, model)}, output)
+
+
+def _one_iteration(model: torch.nn.Module, plan: StepPlan, tracker: StorageTracker,
+                   optimizer: torch.optim.Optimizer | None, pack: Callable) -> Any:
+    tracker.phase = "inputs"
+    args, kwargs = plan.make_inputs()
+    for value in tree_flatten((args, kwargs))[0]:
+        if isinstance(value, torch.Tensor):
+            tracker.retag(value, "inputs")
+    if plan.mode != "train":
+        tracker.phase = "forward"
+        with torch.no_grad(), _autocast(plan):
+            return model(*args, **kwargs)
+    tracker.phase = "forward"
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(plan):
+        output = model(*args, **kwargs)
+        tracker.phase = "loss"
+        loss = plan.loss_fn(output, args, kwargs)
+    tracker.phase = "backward"
+    loss.backward()
+    del loss, output
+    tracker.phase = "optimizer"
+    if optimizer is not None:
+        optimizer.step()
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    tracker.retag(value, "optimizer_state", only_from=("temporaries", "gradients"))
+        optimizer.zero_grad(set_to_none=True)
+    else:
+        model.zero_grad(set_to_none=True)
+    tracker.phase = "idle"
+    return None
+
+
+def _autocast(plan: StepPlan) -> contextlib.AbstractContextManager:
+    if plan.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=plan.autocast_dtype)
+
+
+def _register_model_state(tracker: StorageTracker, model: torch.nn.Module) -> dict[int, str]:
+    """Parameters and buffers exist before the step; record them first, with their owners."""
+    owner: dict[int, str] = {}
+    tracker.phase = "model"
+    for module_name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            owner.setdefault(id(param), module_name or "(model)")
+            tracker.track(param, "parameters", owner[id(param)])
+        for buffer in module.buffers(recurse=False):
+            tracker.track(buffer, "buffers", module_name or "(model)")
+    return owner
+
+
+def _param_sids(tracker: StorageTracker, model: torch.nn.Module) -> Iterator[tuple[int, str]]:
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            sid = tracker.sid(param)
+            if sid is not None:
+                yield sid, name or "(model)"

@@ -1,0 +1,658 @@
+"""Shared libcst helpers for the static rules (not a rule: the leading underscore keeps it out of the registry).
+
+Everything here reads syntax only. Nothing imports torch: names are resolved from the file's own
+``import`` statements, so ``import torch as T`` and ``from torch import zeros`` resolve to
+``torch.zeros`` without ever loading torch.
+
+One pass over the module (:func:`facts`) collects what several rules need (imports, classes, loops
+over data loaders, device moves, accelerator evidence) and is cached on the :class:`RuleContext`,
+so running all static rules over a file walks the whole tree once plus the small subtrees each
+rule looks at.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+
+import libcst as cst
+from libcst.metadata import PositionProvider
+
+if TYPE_CHECKING:
+    from memlint.rules.base import RuleContext
+
+__all__ = [
+    "FACTORIES", "LEGACY_TENSOR_TYPES", "DATALOADERS", "FileFacts", "Imports", "LoaderLoop",
+    "code", "dotted_name", "facts", "position", "walk", "calls_in", "names_in", "root_name",
+    "method_name", "call_name", "keyword", "has_star_kwargs", "is_move_call", "device_text",
+    "is_modulo_guard", "is_module_class", "module_classes", "methods", "reachable_methods",
+    "first_param", "is_sync_call", "self_attribute",
+]
+
+# Factories that take ``device=``; without it the tensor is made on the CPU (the default device).
+FACTORIES = frozenset(f"torch.{name}" for name in (
+    "zeros", "ones", "empty", "full", "arange", "range", "linspace", "logspace", "rand", "randn",
+    "randint", "randperm", "eye", "tensor", "as_tensor", "from_numpy", "empty_strided", "tril_indices",
+    "triu_indices", "scalar_tensor",
+))
+# The legacy typed constructors: always CPU (``torch.cuda.FloatTensor`` is the GPU one).
+LEGACY_TENSOR_TYPES = frozenset(f"torch.{name}" for name in (
+    "Tensor", "FloatTensor", "DoubleTensor", "HalfTensor", "BFloat16Tensor", "ByteTensor", "CharTensor",
+    "ShortTensor", "IntTensor", "LongTensor", "BoolTensor",
+))
+# Factories that cannot take ``device=``: moving the result afterwards is the only way.
+NO_DEVICE_ARGUMENT = frozenset({"torch.from_numpy"} | LEGACY_TENSOR_TYPES)
+DATALOADERS = frozenset({"torch.utils.data.DataLoader", "torch.utils.data.dataloader.DataLoader"})
+DTYPES = frozenset(f"torch.{name}" for name in (
+    "float", "float16", "float32", "float64", "half", "double", "bfloat16", "int", "int8", "int16",
+    "int32", "int64", "long", "short", "uint8", "bool", "complex64", "complex128", "cfloat", "cdouble",
+    "float8_e4m3fn", "float8_e5m2",
+))
+SYNC_METHODS = frozenset({"item", "cpu", "numpy", "tolist"})
+_DEVICE_STRING = re.compile(r"^(cuda|mps|xpu|hpu|npu)(:\d+)?$")
+_DEVICE_WORDS = frozenset({"dev", "gpu", "cuda", "rank", "local_rank", "device_id", "gpu_id"})
+_EMPTY = cst.Module(body=[])
+
+
+# --------------------------------------------------------------------------------------------
+# Small syntax helpers
+# --------------------------------------------------------------------------------------------
+
+def code(node: cst.CSTNode) -> str:
+    """The source text of a node, as written."""
+    return _EMPTY.code_for_node(node)
+
+
+def dotted_name(expr: cst.BaseExpression | None) -> str | None:
+    """``a.b.c`` for a Name/Attribute chain, else None."""
+    parts: list[str] = []
+    while isinstance(expr, cst.Attribute):
+        parts.append(expr.attr.value)
+        expr = expr.value
+    if not isinstance(expr, cst.Name):
+        return None
+    parts.append(expr.value)
+    return ".".join(reversed(parts))
+
+
+def root_name(expr: cst.BaseExpression) -> str | None:
+    """The variable an expression hangs off: ``batch`` for ``batch["x"].float``, ``x`` for ``*x``."""
+    while True:
+        if isinstance(expr, cst.Name):
+            return expr.value
+        if isinstance(expr, (cst.Attribute, cst.Subscript)):
+            expr = expr.value
+        elif isinstance(expr, cst.StarredElement):
+            expr = expr.value
+        else:
+            return None
+
+
+def method_name(call: cst.Call) -> str | None:
+    """``item`` for ``loss.item()``; None when the call is not a method call."""
+    return call.func.attr.value if isinstance(call.func, cst.Attribute) else None
+
+
+def call_name(call: cst.Call) -> str:
+    """The last part of what is called: ``DataLoader`` for ``data.DataLoader(...)``, '' if unnamed."""
+    if isinstance(call.func, cst.Attribute):
+        return call.func.attr.value
+    if isinstance(call.func, cst.Name):
+        return call.func.value
+    return ""
+
+
+def keyword(call: cst.Call, name: str) -> cst.Arg | None:
+    return next((arg for arg in call.args if arg.keyword is not None and arg.keyword.value == name), None)
+
+
+def positional(call: cst.Call) -> list[cst.Arg]:
+    return [arg for arg in call.args if arg.keyword is None and not arg.star]
+
+
+def has_star_kwargs(call: cst.Call) -> bool:
+    """``**kwargs`` (or ``*args``) can carry any argument: a rule checking for one must stay silent."""
+    return any(arg.star for arg in call.args)
+
+
+_STOP_DEFAULT = (cst.FunctionDef, cst.ClassDef, cst.Lambda)
+
+
+class _Walker(cst.CSTVisitor):
+    def __init__(self, types: tuple[type, ...], stop: tuple[type, ...], root: cst.CSTNode) -> None:
+        self.types = types
+        self.stop = stop
+        self.root = root
+        self.found: list[cst.CSTNode] = []
+
+    def on_visit(self, node: cst.CSTNode) -> bool:
+        if isinstance(node, self.types):
+            self.found.append(node)
+        return node is self.root or not isinstance(node, self.stop)
+
+
+def walk(node: cst.CSTNode, types: type | tuple[type, ...], *, stop: tuple[type, ...] = _STOP_DEFAULT) -> list:
+    """Nodes of ``types`` under ``node`` (itself included), in source order, not entering ``stop`` nodes.
+
+    By default nested functions, lambdas and classes are not entered: they run at another time.
+    """
+    walker = _Walker(types if isinstance(types, tuple) else (types,), stop, node)
+    node.visit(walker)
+    return walker.found
+
+
+def calls_in(node: cst.CSTNode, *, stop: tuple[type, ...] = _STOP_DEFAULT) -> list[cst.Call]:
+    return walk(node, cst.Call, stop=stop)
+
+
+class _NameCollector(cst.CSTVisitor):
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def visit_Name(self, node: cst.Name) -> None:
+        self.names.add(node.value)
+
+    def visit_Attribute(self, node: cst.Attribute) -> bool:
+        node.value.visit(self)  # ``a.b`` reads ``a``; ``b`` is not a variable
+        return False
+
+    def visit_Arg(self, node: cst.Arg) -> bool:
+        node.value.visit(self)  # ``f(device=d)`` reads ``d``; ``device`` is not a variable
+        return False
+
+
+def names_in(node: cst.CSTNode) -> set[str]:
+    """Every plain variable name under ``node`` (attribute names excluded, nested scopes included)."""
+    collector = _NameCollector()
+    node.visit(collector)
+    return collector.names
+
+
+def target_names(target: cst.BaseExpression) -> list[str]:
+    """Names bound by an assignment or ``for`` target (``x``, ``x, y``, ``(i, (x, y))``)."""
+    if isinstance(target, cst.Name):
+        return [target.value]
+    if isinstance(target, (cst.Tuple, cst.List)):
+        out: list[str] = []
+        for element in target.elements:
+            out.extend(target_names(element.value))
+        return out
+    if isinstance(target, cst.StarredElement):
+        return target_names(target.value)
+    return []
+
+
+def self_attribute(expr: cst.BaseExpression, self_name: str = "self") -> str | None:
+    """``mask`` for ``self.mask``; None for anything else."""
+    if isinstance(expr, cst.Attribute) and isinstance(expr.value, cst.Name) and expr.value.value == self_name:
+        return expr.attr.value
+    return None
+
+
+def position(ctx: "RuleContext", node: cst.CSTNode) -> tuple[int, int]:
+    """1-based line and 1-based column of ``node`` (like ruff)."""
+    start = ctx.wrapper.resolve(PositionProvider)[node].start
+    return start.line, start.column + 1
+
+
+def string_value(expr: cst.BaseExpression) -> str | None:
+    if isinstance(expr, cst.SimpleString):
+        try:
+            value = expr.evaluated_value
+        except Exception:  # noqa: BLE001 - malformed escapes: not a device string anyway
+            return None
+        return value if isinstance(value, str) else None
+    return None
+
+
+def is_device_string(expr: cst.BaseExpression) -> bool:
+    value = string_value(expr)
+    return value is not None and bool(_DEVICE_STRING.match(value))
+
+
+# --------------------------------------------------------------------------------------------
+# Imports
+# --------------------------------------------------------------------------------------------
+
+class Imports:
+    """Local name -> fully qualified name, read from the file's import statements."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, str] = {}
+
+    def add(self, node: cst.Import | cst.ImportFrom) -> None:
+        if isinstance(node, cst.Import):
+            for alias in node.names:
+                full = dotted_name(alias.name)
+                if full is None:
+                    continue
+                if alias.asname is not None and isinstance(alias.asname.name, cst.Name):
+                    self.names[alias.asname.name.value] = full
+                else:
+                    head = full.split(".", 1)[0]
+                    self.names[head] = head
+            return
+        if node.relative or node.module is None or isinstance(node.names, cst.ImportStar):
+            return
+        module = dotted_name(node.module)
+        if module is None:
+            return
+        for alias in node.names:
+            name = dotted_name(alias.name)
+            if name is None:
+                continue
+            local = alias.asname.name.value if alias.asname is not None and isinstance(alias.asname.name, cst.Name) else name
+            self.names[local] = f"{module}.{name}"
+
+    def qualify(self, expr: cst.BaseExpression | None) -> str | None:
+        """``torch.zeros`` for ``T.zeros`` after ``import torch as T``; None for names not imported."""
+        dotted = dotted_name(expr)
+        if dotted is None:
+            return None
+        head, _, rest = dotted.partition(".")
+        full = self.names.get(head)
+        if full is None:
+            return None
+        return f"{full}.{rest}" if rest else full
+
+    def imports_module(self, prefix: str) -> bool:
+        return any(full == prefix or full.startswith(prefix + ".") for full in self.names.values())
+
+
+# --------------------------------------------------------------------------------------------
+# Device moves and host syncs
+# --------------------------------------------------------------------------------------------
+
+def is_dtype(expr: cst.BaseExpression, imports: Imports) -> bool:
+    qualified = imports.qualify(expr)
+    if qualified in DTYPES:
+        return True
+    dotted = dotted_name(expr) or ""
+    return "dtype" in dotted.rsplit(".", 1)[-1].lower()
+
+
+def looks_like_device(expr: cst.BaseExpression, imports: Imports) -> bool:
+    """``"cuda:0"``, ``torch.device("cuda")``, ``device``, ``args.device``, ``local_rank``, ``0``."""
+    if is_device_string(expr) or isinstance(expr, cst.Integer):
+        return True
+    if isinstance(expr, cst.Call):
+        return imports.qualify(expr.func) == "torch.device"
+    dotted = dotted_name(expr)
+    if dotted is None:
+        return False
+    last = dotted.rsplit(".", 1)[-1].lower()
+    return "device" in last or last in _DEVICE_WORDS
+
+
+def is_move_call(call: cst.Call, imports: Imports, *, to_accelerator: bool = False) -> bool:
+    """``.cuda()``, ``.to(<device or tensor>)``, ``.type_as(t)``; not ``.to(torch.float16)``.
+
+    With ``to_accelerator`` only moves that name an accelerator count: ``.cuda()``, ``.to("cuda")``,
+    ``.to(device)`` (a device-looking name), not ``.to(x)`` or ``.to("cpu")``.
+    """
+    name = method_name(call)
+    if name == "cuda":
+        return True
+    if name == "type_as":
+        return not to_accelerator
+    if name != "to":
+        return False
+    device_kw = keyword(call, "device")
+    if device_kw is not None:
+        return not to_accelerator or looks_like_device(device_kw.value, imports)
+    args = positional(call)
+    if not args:
+        return False
+    first = args[0].value
+    if is_dtype(first, imports) or string_value(first) == "cpu":
+        return False
+    if to_accelerator:
+        return looks_like_device(first, imports)
+    return True
+
+
+def device_text(call: cst.Call, imports: Imports) -> str:
+    """What to write as ``device=`` instead of the move ``call``: ``x.device`` for ``.to(x)``."""
+    if method_name(call) == "cuda":
+        args = positional(call)
+        return f'"cuda:{code(args[0].value)}"' if args and isinstance(args[0].value, cst.Integer) else '"cuda"'
+    device_kw = keyword(call, "device")
+    if device_kw is not None:
+        return code(device_kw.value)
+    args = positional(call)
+    if not args:
+        return "device"
+    first = args[0].value
+    if looks_like_device(first, imports):
+        return code(first)
+    return f"{code(first)}.device"
+
+
+def is_sync_call(call: cst.Call) -> bool:
+    """``.item()``, ``.cpu()``, ``.numpy()``, ``.tolist()``: the host waits for the device."""
+    name = method_name(call)
+    if name not in SYNC_METHODS:
+        return False
+    if name == "cpu":
+        return True
+    return not positional(call)
+
+
+# --------------------------------------------------------------------------------------------
+# Classes: which are nn.Module subclasses, and what their forward reaches
+# --------------------------------------------------------------------------------------------
+
+_NOT_MODULE_BASES = frozenset({"object", "ABC", "Protocol", "Generic", "Enum", "IntEnum", "NamedTuple",
+                               "TypedDict", "Exception", "dict", "list", "tuple"})
+
+
+def methods(cls: cst.ClassDef) -> dict[str, cst.FunctionDef]:
+    found: dict[str, cst.FunctionDef] = {}
+    if isinstance(cls.body, cst.IndentedBlock):
+        for statement in cls.body.body:
+            if isinstance(statement, cst.FunctionDef):
+                found[statement.name.value] = statement
+            elif isinstance(statement, cst.If):  # ``if TYPE_CHECKING`` / version switches
+                for inner in walk(statement, cst.FunctionDef):
+                    found.setdefault(inner.name.value, inner)
+    return found
+
+
+def _decorator_names(func: cst.FunctionDef) -> set[str]:
+    return {(dotted_name(d.decorator) or "").rsplit(".", 1)[-1] for d in func.decorators}
+
+
+def _base_verdict(base: cst.BaseExpression, imports: Imports) -> bool | None:
+    """True: a module base; False: certainly not a module (autograd.Function); None: no opinion."""
+    raw = dotted_name(base)
+    if raw is None:
+        return None
+    qualified = imports.qualify(base) or raw
+    last = raw.rsplit(".", 1)[-1]
+    if last == "Function" or qualified.startswith("torch.autograd"):
+        return False
+    if last.endswith("Module"):
+        return True
+    if qualified.startswith("torch.nn.") and not qualified.startswith("torch.nn.functional"):
+        return True
+    return None
+
+
+def is_module_class(cls: cst.ClassDef, imports: Imports, local_modules: Iterable[str] = ()) -> bool:
+    """Does ``cls`` look like an ``nn.Module`` subclass? When unsure: no.
+
+    Yes for a base named ``...Module`` (``nn.Module``, ``torch.nn.Module``, ``LightningModule``), a
+    base from ``torch.nn`` (``nn.Linear``, ``nn.Sequential``), a base that is a module class of the
+    same file, or any class with a (non-static) ``forward`` that subclasses something. No for
+    ``torch.autograd.Function`` subclasses.
+    """
+    local = set(local_modules)
+    verdicts = []
+    for arg in cls.bases:
+        if arg.keyword is not None or arg.star:
+            continue
+        verdict = _base_verdict(arg.value, imports)
+        if verdict is None and dotted_name(arg.value) in local:
+            verdict = True
+        verdicts.append((arg.value, verdict))
+    if any(v is False for _, v in verdicts):
+        return False
+    if any(v for _, v in verdicts):
+        return True
+    forward = methods(cls).get("forward")
+    if forward is None or {"staticmethod", "classmethod"} & _decorator_names(forward):
+        return False
+    return any((dotted_name(base) or "").rsplit(".", 1)[-1] not in _NOT_MODULE_BASES
+               for base, _ in verdicts if dotted_name(base))
+
+
+def module_classes(ctx: "RuleContext") -> list[cst.ClassDef]:
+    """The file's classes that look like nn.Module subclasses (cached per file)."""
+    info = facts(ctx)
+    if info.module_classes is None:
+        found: list[cst.ClassDef] = []
+        names: set[str] = set()
+        changed = True
+        while changed:  # a class deriving from a module class of the same file is one too
+            changed = False
+            for cls in info.classes:
+                if cls not in found and is_module_class(cls, info.imports, names):
+                    found.append(cls)
+                    names.add(cls.name.value)
+                    changed = True
+        info.module_classes = [cls for cls in info.classes if cls in found]
+    return info.module_classes
+
+
+def first_param(func: cst.FunctionDef, index: int = 0) -> str | None:
+    """The name of the ``index``-th parameter (``self`` is index 0 for methods)."""
+    params = list(func.params.posonly_params) + list(func.params.params)
+    return params[index].name.value if len(params) > index else None
+
+
+def reachable_methods(cls: cst.ClassDef, entry: str = "forward") -> list[tuple[cst.FunctionDef, list[str]]]:
+    """``entry`` and the methods of the same class it calls through ``self.name(...)``, transitively.
+
+    Each comes with the call path from ``entry`` (``["forward", "_mask"]``).
+    """
+    table = methods(cls)
+    if entry not in table:
+        return []
+    out: list[tuple[cst.FunctionDef, list[str]]] = []
+    seen = {entry}
+    queue = [(table[entry], [entry])]
+    while queue:
+        func, path = queue.pop(0)
+        out.append((func, path))
+        self_name = first_param(func) or "self"
+        for call in calls_in(func.body, stop=(cst.ClassDef,)):
+            called = self_attribute(call.func, self_name)
+            if called and called in table and called not in seen:
+                seen.add(called)
+                queue.append((table[called], [*path, called]))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Loops over data loaders
+# --------------------------------------------------------------------------------------------
+
+_ITER_WRAPPERS = frozenset({"tqdm", "track", "progress_bar", "progressbar", "iter"})
+
+
+@dataclass
+class LoaderLoop:
+    """``for <targets> in <loader>:`` (``enumerate``/``tqdm`` unwrapped) and where it sits."""
+
+    node: cst.For
+    loader: cst.BaseExpression
+    targets: list[str]
+    function: cst.FunctionDef | None
+
+    @property
+    def loader_text(self) -> str:
+        return code(self.loader)
+
+
+def _unwrap_loader(iterable: cst.BaseExpression, target: cst.BaseExpression | None):
+    for _ in range(4):
+        if not isinstance(iterable, cst.Call) or not iterable.args or iterable.args[0].keyword is not None:
+            break
+        name = call_name(iterable)
+        if name == "enumerate":
+            iterable = iterable.args[0].value
+            if isinstance(target, (cst.Tuple, cst.List)) and len(target.elements) == 2:
+                target = target.elements[1].value
+            else:
+                target = None
+        elif name in _ITER_WRAPPERS:
+            iterable = iterable.args[0].value
+        else:
+            break
+    return iterable, target
+
+
+def _is_loader(expr: cst.BaseExpression, loader_names: set[str]) -> bool:
+    dotted = dotted_name(expr)
+    if dotted is None:
+        return False
+    last = dotted.rsplit(".", 1)[-1]
+    return "loader" in last.lower() or dotted in loader_names
+
+
+# --------------------------------------------------------------------------------------------
+# The one pass over a file
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class FileFacts:
+    imports: Imports = field(default_factory=Imports)
+    classes: list[cst.ClassDef] = field(default_factory=list)
+    fors: list[tuple[cst.For, cst.FunctionDef | None]] = field(default_factory=list)
+    calls: list[cst.Call] = field(default_factory=list)
+    assigns: list[cst.Assign] = field(default_factory=list)
+    functions: dict[str, cst.FunctionDef] = field(default_factory=dict)
+    device_strings: list[cst.SimpleString] = field(default_factory=list)
+    accelerator_node: cst.CSTNode | None = None
+    module_classes: list[cst.ClassDef] | None = None
+    _loops: list[LoaderLoop] | None = None
+
+    def qualified(self, call: cst.Call) -> str | None:
+        return self.imports.qualify(call.func)
+
+    def dataloader_calls(self) -> list[cst.Call]:
+        return [call for call in self.calls if self.qualified(call) in DATALOADERS]
+
+    def loader_loops(self) -> list[LoaderLoop]:
+        """``for`` loops over a data loader: a name containing "loader" or one assigned a DataLoader."""
+        if self._loops is None:
+            loader_names = set()
+            for assign in self.assigns:
+                if isinstance(assign.value, cst.Call) and self.qualified(assign.value) in DATALOADERS:
+                    for target in assign.targets:
+                        dotted = dotted_name(target.target)
+                        if dotted:
+                            loader_names.add(dotted)
+            loops = []
+            for node, function in self.fors:
+                loader, target = _unwrap_loader(node.iter, node.target)
+                if target is None or not _is_loader(loader, loader_names):
+                    continue
+                names = target_names(target)
+                if names:
+                    loops.append(LoaderLoop(node, loader, names, function))
+            self._loops = loops
+        return self._loops
+
+    def accelerator(self) -> tuple[cst.CSTNode, str] | None:
+        """The first sign that the file runs on an accelerator: ``.cuda()``, ``"cuda"``, ``torch.device("cuda")``."""
+        if self.accelerator_node is None:
+            return None
+        return self.accelerator_node, f"`{_short(code(self.accelerator_node))}`"
+
+    def moved_modules(self) -> dict[str, cst.Call]:
+        """Names (``model``, ``self.net``) moved to an accelerator somewhere in the file, with the move."""
+        moved: dict[str, cst.Call] = {}
+        for call in self.calls:
+            if is_move_call(call, self.imports, to_accelerator=True):
+                receiver = dotted_name(call.func.value)  # type: ignore[union-attr]
+                if receiver and receiver.count(".") <= 1:
+                    moved.setdefault(receiver, call)
+        for assign in self.assigns:
+            value = assign.value
+            if isinstance(value, cst.Call) and is_move_call(value, self.imports, to_accelerator=True):
+                for target in assign.targets:
+                    dotted = dotted_name(target.target)
+                    if dotted and dotted.count(".") <= 1:
+                        moved.setdefault(dotted, value)
+        return moved
+
+
+def _short(text: str, limit: int = 40) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class _FactsVisitor(cst.CSTVisitor):
+    def __init__(self, info: FileFacts) -> None:
+        self.info = info
+        self.functions: list[cst.FunctionDef] = []
+
+    def visit_Import(self, node: cst.Import) -> None:
+        self.info.imports.add(node)
+
+    def visit_ImportFrom(self, node: cst.ImportFrom) -> None:
+        self.info.imports.add(node)
+
+    def visit_ClassDef(self, node: cst.ClassDef) -> None:
+        self.info.classes.append(node)
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
+        self.functions.append(node)
+        self.info.functions.setdefault(node.name.value, node)
+
+    def leave_FunctionDef(self, original_node: cst.FunctionDef) -> None:
+        self.functions.pop()
+
+    def visit_For(self, node: cst.For) -> None:
+        self.info.fors.append((node, self.functions[-1] if self.functions else None))
+
+    def visit_Call(self, node: cst.Call) -> None:
+        self.info.calls.append(node)
+        if self.info.accelerator_node is None and method_name(node) == "cuda":
+            self.info.accelerator_node = node
+
+    def visit_Assign(self, node: cst.Assign) -> None:
+        self.info.assigns.append(node)
+
+    def visit_SimpleString(self, node: cst.SimpleString) -> None:
+        if len(node.value) < 12 and is_device_string(node):
+            self.info.device_strings.append(node)
+            if self.info.accelerator_node is None:
+                self.info.accelerator_node = node
+
+
+def facts(ctx: "RuleContext") -> FileFacts:
+    """The shared one-pass summary of ``ctx``'s file, computed once and cached in ``ctx.extras``."""
+    cached = ctx.extras.get("memlint.static.facts")
+    if cached is None:
+        cached = FileFacts()
+        ctx.module.visit(_FactsVisitor(cached))
+        ctx.extras["memlint.static.facts"] = cached
+    return cached  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Loop bodies
+# --------------------------------------------------------------------------------------------
+
+def is_modulo_guard(test: cst.BaseExpression) -> bool:
+    """``step % 100 == 0``, ``(i + 1) % args.log_every == 0 and rank == 0``, ``not i % 10``."""
+    for op in walk(test, cst.BinaryOperation, stop=(cst.Lambda,)):
+        if isinstance(op.operator, cst.Modulo) and not isinstance(
+                op.left, (cst.SimpleString, cst.ConcatenatedString, cst.FormattedString)):
+            return True
+    return False
+
+
+def modulo_guarded_nodes(body: cst.CSTNode) -> set[int]:
+    """ids of the nodes inside ``if <...% N...>:`` bodies (not their ``else``) under ``body``."""
+    guarded: set[int] = set()
+    for node in walk(body, cst.If):
+        if is_modulo_guard(node.test):
+            guarded.update(id(inner) for inner in walk(node.body, cst.CSTNode))
+    return guarded
+
+
+def statements(body: cst.CSTNode) -> Iterator[cst.SimpleStatementLine]:
+    """The simple statement lines under ``body`` in source order, not entering nested definitions."""
+    yield from walk(body, cst.SimpleStatementLine)
+
+
+def iter_small(body: cst.CSTNode) -> Iterator[cst.BaseSmallStatement]:
+    for line in statements(body):
+        yield from line.body
+
+
+def any_call(node: cst.CSTNode, predicate: Callable[[cst.Call], bool]) -> bool:
+    return any(predicate(call) for call in calls_in(node))
