@@ -151,7 +151,8 @@ def _translate_errors(run: Callable[[], Any], workload: Workload) -> Any:
                          path=workload.path, line=workload.line, hint=shape_hint) from exc
 
 
-def analyse(workload: Workload, target: Target, threshold: float, depth: int = 3) -> ModelReport:
+def analyse(workload: Workload, target: Target, threshold: float, depth: int = 3, *,
+            find_max_batch: bool = True) -> ModelReport:
     """The whole pipeline for one model: build, trace, simulate, attribute, search the batch."""
     estimator = Estimator(workload, target, threshold)
     trace = estimator.trace()
@@ -170,7 +171,7 @@ def analyse(workload: Workload, target: Target, threshold: float, depth: int = 3
     breakdown["context"] = target.context_bytes
     estimator._fits[workload.batch_size] = peak_device <= target.budget_bytes(threshold)
     max_batch = None
-    if workload.mode == "train" or workload.example_inputs is not None or workload.input_shape is not None:
+    if find_max_batch:
         other = max(1, workload.batch_size * 2)
         second = estimator.simulate(other, iterations=2).ledger
         known = {workload.batch_size: allocator.peak_reserved,
@@ -185,7 +186,7 @@ def analyse(workload: Workload, target: Target, threshold: float, depth: int = 3
         if workload.mode == "train" else "none",
         precision=workload.precision, peak_allocated_bytes=peak_allocated, peak_device_bytes=peak_device,
         max_batch_size=max_batch, tracer=trace.tracer, breakdown=breakdown,
-        layers=_layers(estimator.model, trace, result, estimator.sites, depth), line=workload.line,
+        layers=_layers(estimator.model, trace, result, estimator.sites, depth, f"{workload.path}:{workload.line}"), line=workload.line,
         budget_bytes=target.budget_bytes(threshold), peak_phase=peak.phase,
         assumptions=[*trace.notes, *result.assumptions], graph=trace.nodes,
         timeline=ledger.timeline(round_size, ledger.iteration_marks[worst_iteration]),
@@ -193,7 +194,7 @@ def analyse(workload: Workload, target: Target, threshold: float, depth: int = 3
 
 
 def _layers(model: torch.nn.Module, trace: TraceResult, result: SimulationResult, sites: dict[str, str],
-            depth: int) -> list[LayerReport]:
+            depth: int, root_source: str) -> list[LayerReport]:
     """One row per module down to ``depth`` (0 is the whole model), with recursive totals."""
     rows: list[LayerReport] = []
     saved = result.activation_bytes_by_module
@@ -207,5 +208,6 @@ def _layers(model: torch.nn.Module, trace: TraceResult, result: SimulationResult
         parameter_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
         rows.append(LayerReport(name=name or "(model)", type=type(module).__name__,
                                 output_shape=trace.module_outputs.get(name), parameter_bytes=parameter_bytes,
-                                activation_bytes=activation, source=sites.get(name), depth=level))
+                                activation_bytes=activation, source=sites.get(name) if name else root_source,
+                                depth=level))
     return rows

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import linecache
 import sys
 import traceback
 from dataclasses import dataclass
@@ -155,7 +154,3 @@ def _definition_line(obj: Any) -> int:
         return inspect.getsourcelines(obj)[1]
     except (OSError, TypeError):
         return 1
-
-
-def source_line(path: str, line: int) -> str:
-    return linecache.getline(path, line).rstrip()

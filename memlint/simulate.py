@@ -218,6 +218,7 @@ def simulate_step(model: torch.nn.Module, plan: StepPlan, fake_mode: Any,
         model.train(plan.mode == "train")
         for _ in range(plan.iterations if plan.mode == "train" else 1):
             ledger.mark_iteration()
+            activation_by_module.clear()  # report what one step saves: the last one's
             output = _one_iteration(model, plan, tracker, optimizer, pack)
         for hook in grad_hooks:
             hook.remove()
@@ -241,9 +242,11 @@ def _one_iteration(model: torch.nn.Module, plan: StepPlan, tracker: StorageTrack
         output = model(*args, **kwargs)
         tracker.phase = "loss"
         loss = plan.loss_fn(output, args, kwargs)
+    # As in `loss = loss_fn(model(x), y); loss.backward()`: the output is not held across backward.
+    del output, args, kwargs
     tracker.phase = "backward"
     loss.backward()
-    del loss, output
+    del loss
     tracker.phase = "optimizer"
     if optimizer is not None:
         optimizer.step()

@@ -31,6 +31,19 @@ class TraceResult:
     notes: list[str] = field(default_factory=list)
 
 
+def tensor_leaves(value: Any) -> list[torch.Tensor]:
+    """Tensors inside any output: tuples, dicts, dataclass-like ``ModelOutput`` objects."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        items = list(value.values())
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        return []
+    return [leaf for item in items for leaf in tensor_leaves(item)]
+
+
 def _shapes(value: Any) -> tuple[list[list[int]], list[str]]:
     shapes, dtypes = [], []
     for leaf in tree_flatten(value)[0]:
@@ -50,7 +63,12 @@ def trace_model(model: torch.nn.Module, make_inputs: Callable[[], tuple[tuple, d
         return _symbolic(model, args, kwargs, fake_mode, sites)
     except Exception as exc:  # symbolic_trace refuses much real-world code; that is expected
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
-    result = _make_fx(model, args, kwargs, fake_mode, sites, scalar_mode)
+    try:
+        result = _make_fx(model, args, kwargs, fake_mode, sites, scalar_mode)
+    except Exception as exc:  # the estimate does not need the graph: go on without it, and say so
+        failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+        return TraceResult("none", [], notes=[f"the model could not be traced ({reason}; make_fx: {failure}); "
+                                              "the estimate is unaffected, graph-based rules were skipped"])
     result.notes.append(f"torch.fx.symbolic_trace could not trace the model ({reason}); used make_fx")
     return result
 
@@ -82,8 +100,10 @@ def _symbolic(model: torch.nn.Module, args: tuple, kwargs: dict, fake_mode: Any,
 
 def _make_fx(model: torch.nn.Module, args: tuple, kwargs: dict, fake_mode: Any, sites: dict[str, str],
              scalar_mode: Any) -> TraceResult:
-    def forward(*flat_args: Any) -> Any:
-        return model(*flat_args[: len(args)], **dict(zip(kwargs, flat_args[len(args):])))
+    def forward(*flat_args: Any) -> list[torch.Tensor]:
+        # Only tensors can be graph outputs; caches and other objects in the output are dropped.
+        output = model(*flat_args[: len(args)], **dict(zip(kwargs, flat_args[len(args):])))
+        return tensor_leaves(output)
 
     with fake_mode, scalar_mode, torch.no_grad():
         graph_module = make_fx(forward, tracing_mode="real", record_module_stack=True,

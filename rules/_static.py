@@ -656,3 +656,183 @@ def iter_small(body: cst.CSTNode) -> Iterator[cst.BaseSmallStatement]:
 
 def any_call(node: cst.CSTNode, predicate: Callable[[cst.Call], bool]) -> bool:
     return any(predicate(call) for call in calls_in(node))
+
+
+# --------------------------------------------------------------------------------------------
+# Which expressions make tensors
+# --------------------------------------------------------------------------------------------
+
+_NON_TENSOR_FUNCS = frozenset({
+    "is_tensor", "is_storage", "numel", "is_floating_point", "is_complex", "is_nonzero", "save", "equal",
+    "allclose", "typename", "result_type", "can_cast", "promote_types", "get_default_dtype", "device",
+    "finfo", "iinfo", "Size", "manual_seed", "seed", "no_grad", "enable_grad", "inference_mode",
+    "set_grad_enabled", "broadcast_shapes",
+})
+_NON_TENSOR_METHODS = frozenset({
+    "item", "tolist", "numpy", "size", "dim", "ndimension", "numel", "nelement", "element_size", "data_ptr",
+    "stride", "is_contiguous", "get_device", "storage", "untyped_storage", "storage_offset", "type",
+    "is_floating_point", "is_complex", "equal", "allclose", "register_hook", "backward", "__len__",
+})
+_TENSOR_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "data", "real", "imag"})
+TENSOR, CONTAINER = "tensor", "container"
+
+
+def tensor_kind(expr: cst.BaseExpression, imports: Imports, env: dict[str, str | None] | None = None) -> str | None:
+    """``"tensor"`` if ``expr`` surely makes a plain tensor (``torch.tril(torch.ones(n, n))``,
+    ``1.0 / (base ** (torch.arange(0, d, 2) / d))``), ``"container"`` for a list/tuple/dict literal
+    (or comprehension) of such tensors, else None. ``nn.Parameter(...)`` is not a plain tensor.
+    ``env`` maps local names to what they were assigned.
+    """
+    env = env or {}
+    if isinstance(expr, cst.Name):
+        return env.get(expr.value)
+    if isinstance(expr, cst.Call):
+        qualified = imports.qualify(expr.func)
+        if qualified is not None and qualified.startswith("torch."):
+            last = qualified.rsplit(".", 1)[-1]
+            if qualified in FACTORIES or qualified in LEGACY_TENSOR_TYPES:
+                return TENSOR
+            if last.endswith("_like") and qualified.count(".") == 1:
+                return TENSOR
+            if (last[:1].islower() and last not in _NON_TENSOR_FUNCS and expr.args
+                    and tensor_kind(expr.args[0].value, imports, env) == TENSOR):
+                return TENSOR
+            if qualified.count(".") == 1 and last in {"cat", "concat", "concatenate", "stack", "hstack", "vstack"} \
+                    and expr.args and tensor_kind(expr.args[0].value, imports, env) == CONTAINER:
+                return TENSOR
+            return None
+        name = method_name(expr)
+        if name is not None and name not in _NON_TENSOR_METHODS:
+            return TENSOR if tensor_kind(expr.func.value, imports, env) == TENSOR else None  # type: ignore[union-attr]
+        return None
+    if isinstance(expr, cst.Attribute):
+        if expr.attr.value in _TENSOR_ATTRIBUTES and tensor_kind(expr.value, imports, env) == TENSOR:
+            return TENSOR
+        return None
+    if isinstance(expr, cst.BinaryOperation):
+        if TENSOR in (tensor_kind(expr.left, imports, env), tensor_kind(expr.right, imports, env)):
+            return TENSOR
+        return None
+    if isinstance(expr, cst.UnaryOperation):
+        return TENSOR if not isinstance(expr.operator, cst.Not) and tensor_kind(expr.expression, imports, env) == TENSOR else None
+    if isinstance(expr, cst.Subscript):
+        return TENSOR if tensor_kind(expr.value, imports, env) == TENSOR else None
+    if isinstance(expr, (cst.List, cst.Tuple, cst.Set)):
+        elements = [e.value for e in expr.elements]
+        return CONTAINER if elements and any(tensor_kind(e, imports, env) == TENSOR for e in elements) else None
+    if isinstance(expr, cst.Dict):
+        values = [e.value for e in expr.elements if isinstance(e, cst.DictElement)]
+        return CONTAINER if any(tensor_kind(v, imports, env) == TENSOR for v in values) else None
+    if isinstance(expr, (cst.ListComp, cst.SetComp)):
+        return CONTAINER if tensor_kind(expr.elt, imports, env) == TENSOR else None
+    if isinstance(expr, cst.DictComp):
+        return CONTAINER if tensor_kind(expr.value, imports, env) == TENSOR else None
+    if isinstance(expr, cst.IfExp):
+        kinds = {tensor_kind(expr.body, imports, env), tensor_kind(expr.orelse, imports, env)}
+        nones = [b for b in (expr.body, expr.orelse) if isinstance(b, cst.Name) and b.value == "None"]
+        if kinds == {TENSOR} or (TENSOR in kinds and nones):
+            return TENSOR
+        return None
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Data flow of the batch inside a loop over a loader
+# --------------------------------------------------------------------------------------------
+
+_MOVE_WORDS = ("device", "cuda", "gpu", "move", "transfer", "prepare", "accelerat")
+_HARMLESS_CALLS = frozenset({"print", "len", "isinstance", "type", "str", "repr", "id", "hasattr", "getattr",
+                             "enumerate", "zip", "range", "format"})
+
+
+def is_moveish_call(call: cst.Call, imports: Imports) -> bool:
+    """A move, or a call that may well be one: ``to_device(batch)``, ``move_to_cuda(x)``, ``non_blocking=``."""
+    if is_move_call(call, imports) or keyword(call, "non_blocking") is not None:
+        return True
+    name = call_name(call).lower()
+    return any(word in name for word in _MOVE_WORDS)
+
+
+def value_root(expr: cst.BaseExpression) -> str | None:
+    """The variable a value comes from: ``x`` for ``x``, ``x[0]``, ``x.float()``, ``*x``, ``x["ids"].long()``."""
+    for _ in range(32):
+        if isinstance(expr, cst.Name):
+            return expr.value
+        if isinstance(expr, (cst.Attribute, cst.Subscript, cst.StarredElement)):
+            expr = expr.value
+        elif isinstance(expr, cst.Call) and isinstance(expr.func, cst.Attribute):
+            expr = expr.func.value
+        else:
+            return None
+    return None
+
+
+def _assignment(small: cst.BaseSmallStatement) -> tuple[list[str], cst.BaseExpression] | None:
+    if isinstance(small, cst.Assign):
+        names: list[str] = []
+        for target in small.targets:
+            names.extend(target_names(target.target))
+        return names, small.value
+    if isinstance(small, (cst.AnnAssign, cst.AugAssign)) and small.value is not None:
+        return target_names(small.target), small.value
+    return None
+
+
+class LoopFlow:
+    """Where the batch of a :class:`LoaderLoop` goes inside the loop body.
+
+    ``unmoved``: names holding loader data (the loop variables and what is unpacked or indexed out of
+    them without a call) that are never moved to a device, nor handed to some other function that
+    might move them, anywhere in the body. Order is ignored on purpose: a move anywhere counts, and a
+    name merely mentioned in a statement that moves something counts as moved (DEV003 stays silent).
+
+    ``on_host``: the stricter opposite, for DEV004: loader data never re-bound to a moved value
+    (``x = x.cuda()``) nor handed to a function that might move it in place (``to_device(batch)``);
+    ``model(x.cuda())`` leaves ``x`` itself on the host.
+    """
+
+    def __init__(self, loop: LoaderLoop, imports: Imports, models: Iterable[str] = ()) -> None:
+        models = set(models)
+        tracked: dict[str, set[str]] = {name: {name} for name in loop.targets}
+        moved: set[str] = set()
+        rebound: set[str] = set()
+        escaped: set[str] = set()
+        for small in iter_small(loop.node.body):
+            calls = calls_in(small)
+            moves = [call for call in calls if is_moveish_call(call, imports)]
+            if moves:
+                moved |= names_in(small)
+                assignment = _assignment(small)
+                if assignment is not None:
+                    rebound.update(assignment[0])
+                for call in moves:
+                    rebound.update(r for r in (value_root(arg.value) for arg in call.args) if r)
+                continue
+            assignment = _assignment(small)
+            if assignment is not None:
+                targets, value = assignment
+                sources = names_in(value) & tracked.keys()
+                if sources and not calls_in(value) and not isinstance(small, cst.AugAssign):
+                    origin = set().union(*(tracked[name] for name in sources))
+                    for target in targets:
+                        tracked[target] = origin | {target}
+                else:
+                    for target in targets:
+                        tracked.pop(target, None)
+            for call in calls:
+                if dotted_name(call.func) in models or call_name(call) in _HARMLESS_CALLS:
+                    continue
+                for arg in call.args:
+                    root = value_root(arg.value)
+                    if root in tracked:
+                        escaped.add(root)
+        for line_node in walk(loop.node.body, (cst.If, cst.While, cst.For, cst.With)):
+            # a move in a compound statement's header (``with to_device(batch):``) counts too
+            header = getattr(line_node, "test", None) or getattr(line_node, "iter", None)
+            if header is not None and any(is_moveish_call(c, imports) for c in calls_in(header)):
+                moved |= names_in(header)
+        touched = moved | escaped
+        self.moved = moved
+        self.unmoved = {name for name, origin in tracked.items() if not (origin & touched)}
+        self.on_host = {name for name, origin in tracked.items() if not (origin & (rebound | escaped))}
+        self.tracked = tracked

@@ -1,0 +1,195 @@
+"""The accuracy judge: memlint's estimate against real GPU peaks, beside MemTracker and torchinfo.
+
+    python benchmarks/accuracy.py [--calibration ../shared/calibration] [--only gpt2] [--peers]
+
+For every record of the calibration files (and benchmarks/measurements/*.json, where new
+ground truth measured with the same protocol goes), prints measured and estimated
+``peak_allocated_bytes`` (vs ``torch.cuda.max_memory_allocated()``), the relative error, and
+the summary lines. With --peers, PyTorch's MemTracker (fake-tensor mode) and torchinfo's
+"Estimated Total Size" run on the same records when they are installed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from workloads import IMAGE_MODELS, OPTIMIZERS, spec_for, torchvision_available  # noqa: E402
+
+from memlint.estimator import Workload, analyse  # noqa: E402
+from memlint.targets import resolve_target  # noqa: E402
+
+
+def records(calibration: Path) -> Iterator[dict[str, Any]]:
+    """Every training-peak record, normalised to model/batch/optimizer/precision/seq/checkpointing/measured."""
+    files = [calibration / "h200_public.json", calibration / "h200_public_more.json",
+             *sorted((HERE / "measurements").glob("*.json"))]
+    for file in files:
+        if not file.exists():
+            continue
+        data = json.loads(file.read_text())
+        for record in data.get("steps", []):
+            yield {"set": "steps", "model": record["model"], "batch": record["batch"], "optimizer": record["optimizer"],
+                   "precision": "bf16-mixed" if record.get("amp") else "fp32", "measured": record["train_peak"],
+                   "infer": record.get("infer_peak_delta"), "param_bytes": record.get("param_bytes"),
+                   "buffer_bytes": record.get("buffer_bytes")}
+        for record in data.get("times", []):
+            yield {"set": "times", "model": record["model"], "batch": record["batch"], "optimizer": "sgd",
+                   "precision": "bf16-mixed" if record["amp"] != "None" else "fp32", "measured": record["train_peak"]}
+        for record in data.get("ckpt", []):
+            yield {"set": "ckpt", "model": record["model"], "batch": record["batch"], "optimizer": "sgd",
+                   "precision": "fp32", "checkpointing": True, "measured": record["train_peak"]}
+        for record in data.get("seq", []):
+            yield {"set": "seq", "model": record["model"], "batch": record["batch"], "optimizer": "sgd",
+                   "precision": "fp32", "seq": record["seq"], "measured": record["train_peak"]}
+        for record in data.get("opt", []):
+            amp = record.get("amp")
+            yield {"set": "opt", "model": record["model"], "batch": record["batch"],
+                   "optimizer": record["optimizer"], "precision": "fp16-mixed" if amp else "fp32",
+                   "measured": record["train_peak"], **({"seq": 512} if record["model"] == "gpt2" else {})}
+
+
+def estimate(record: dict[str, Any], target: str = "h200") -> int:
+    spec = spec_for(record["model"], record.get("seq"), record.get("checkpointing", False))
+    workload = Workload(name=record["model"], path="<benchmark>", line=1, build=spec.build,
+                        example_inputs=spec.example_inputs, loss_fn=spec.loss_fn,
+                        build_optimizer=OPTIMIZERS[record["optimizer"]] or (lambda p: None),
+                        batch_size=record["batch"], input_shape=None, input_dtype="float32",
+                        optimizer="none" if OPTIMIZERS[record["optimizer"]] is None else None,
+                        precision=record["precision"], mode="train")
+    return analyse(workload, resolve_target(target), 1.0, find_max_batch=False).peak_allocated_bytes
+
+
+def memtracker_peak(record: dict[str, Any]) -> int | None:
+    """PyTorch's MemTracker on fake tensors, the same three-step loop."""
+    try:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError:
+        return None
+    import torch
+
+    spec = spec_for(record["model"], record.get("seq"), record.get("checkpointing", False))
+    with FakeTensorMode():
+        model = spec.build()
+        factory = OPTIMIZERS[record["optimizer"]]
+        optimizer = factory(list(model.parameters())) if factory else None
+        tracker = MemTracker()
+        tracker.track_external(model, *([optimizer] if optimizer else []))
+        autocast = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(record["precision"])
+        with tracker:
+            for _ in range(3):
+                inputs = spec.example_inputs(record["batch"])
+                with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+                    loss = spec.loss_fn(model(inputs), inputs)
+                loss.backward()
+                if optimizer:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    model.zero_grad(set_to_none=True)
+        snapshot = tracker.get_tracker_snapshot("peak")
+    return int(max(device_stats["Total"] for device_stats in snapshot.values()))
+
+
+def torchinfo_total(record: dict[str, Any]) -> int | None:
+    """torchinfo's "Estimated Total Size" (a real forward on the CPU, so only for modest records)."""
+    try:
+        import torchinfo
+    except ImportError:
+        return None
+    if record["batch"] * (record.get("seq") or 1) > 4096 or record["model"] in ("vgg16",) and record["batch"] > 16:
+        return None
+    spec = spec_for(record["model"], record.get("seq"), False)
+    model = spec.build()
+    stats = torchinfo.summary(model, input_data=[spec.example_inputs(record["batch"])], verbose=0, device="cpu")
+    return int(stats.total_input + stats.total_output_bytes + stats.total_param_bytes)
+
+
+def error(estimated: int | None, measured: int) -> float | None:
+    return None if estimated is None else (estimated - measured) / measured
+
+
+def summary(name: str, errors: list[float]) -> str:
+    if not errors:
+        return f"{name:<10} no records"
+    absolute = [abs(e) for e in errors]
+    return (f"{name:<10} records {len(errors):3d}  median |err| {statistics.median(absolute):6.1%}  "
+            f"worst |err| {max(absolute):6.1%}  worst under-estimate {min(min(errors), 0):6.1%}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calibration", type=Path, default=HERE.parent.parent / "shared" / "calibration")
+    parser.add_argument("--only", help="only records of this model")
+    parser.add_argument("--peers", action="store_true", help="also run MemTracker and torchinfo")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown for the README")
+    args = parser.parse_args()
+    have_vision = torchvision_available()
+    columns = ["set", "model", "batch", "optimizer", "precision", "measured GB", "memlint GB", "err"]
+    if args.peers:
+        columns += ["MemTracker GB", "err", "torchinfo GB", "err"]
+    rows, results = [], {"memlint": [], "MemTracker": [], "torchinfo": []}
+    skipped = 0
+    for record in records(args.calibration):
+        if args.only and record["model"] != args.only:
+            continue
+        if record["model"] in IMAGE_MODELS and not have_vision:
+            skipped += 1
+            continue
+        started = time.perf_counter()
+        try:
+            estimated = estimate(record)
+        except Exception as exc:  # a refusal is a result: print it and count it
+            print(f"memlint refused {record}: {exc}", file=sys.stderr)
+            results["memlint"].append(float("inf"))
+            continue
+        seconds = time.perf_counter() - started
+        err = error(estimated, record["measured"])
+        results["memlint"].append(err)
+        label = record["model"] + (f"@{record['seq']}" if record.get("seq") else "") + \
+            (" ckpt" if record.get("checkpointing") else "")
+        row = [record["set"], label, str(record["batch"]), record["optimizer"], record["precision"],
+               f"{record['measured'] / 1e9:.3f}", f"{estimated / 1e9:.3f}", f"{err:+.1%}"]
+        if args.peers:
+            for peer, function in (("MemTracker", memtracker_peak), ("torchinfo", torchinfo_total)):
+                try:
+                    value = function(record)
+                except Exception as exc:  # a peer refusing a model is a result worth printing
+                    value, note = None, f"refused: {type(exc).__name__}"
+                else:
+                    note = "n/a" if value is None else ""
+                peer_err = error(value, record["measured"])
+                if peer_err is not None:
+                    results[peer].append(peer_err)
+                row += [f"{value / 1e9:.3f}" if value else note, f"{peer_err:+.1%}" if peer_err is not None else ""]
+        rows.append(row)
+        print("  ".join(row) + f"  ({seconds:.1f}s)", file=sys.stderr, flush=True)
+    if args.markdown:
+        print("| " + " | ".join(columns) + " |")
+        print("|" + "---|" * len(columns))
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+    else:
+        widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(columns)]
+        print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+        for row in rows:
+            print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    print()
+    for name, errors in results.items():
+        if name == "memlint" or args.peers:
+            print(summary(name, errors))
+    if skipped:
+        print(f"skipped {skipped} torchvision records (install torch==2.14.1 torchvision==0.29.1 to run them)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

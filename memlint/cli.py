@@ -1,0 +1,167 @@
+"""The ``memlint`` command: ``check``, ``targets`` and ``rule``.
+
+Exit codes as ruff: 0 no findings, 1 findings, 2 usage, configuration or internal error.
+Nothing here imports torch; model analysis runs in child processes (``memlint.worker``).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+from typing import Sequence, TextIO
+
+from memlint import __version__
+from memlint.errors import MemlintError, UsageError
+from memlint.settings import INPUT_DTYPES, MODES, OPTIMIZERS, PRECISIONS, STRATEGIES, Settings, find_pyproject, \
+    load_settings, parse_shape
+
+EXIT_CLEAN, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as MemlintError (exit 2, one paragraph)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(message, hint=f"see `{self.prog} --help`")
+
+
+def _codes(text: str) -> tuple[str, ...]:
+    return tuple(code.strip().upper() for code in text.split(",") if code.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from memlint.reporters import FORMATS
+
+    parser = _Parser(prog="memlint", description="Lint PyTorch models for memory before you rent a GPU.")
+    parser.add_argument("--version", action="version", version=f"memlint {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    check = commands.add_parser("check", help="analyse model files and lint training code")
+    check.add_argument("paths", nargs="*", default=["."], help="files or directories (default: .)")
+    check.add_argument("--target", action="append", dest="targets", metavar="NAME[:SIZE]",
+                       help="device to judge against (repeatable), e.g. gtx1050ti, cpu:8GiB, mem:4GiB")
+    check.add_argument("--batch-size", type=int, help="batch size of the simulated step")
+    check.add_argument("--input-shape", help="per-sample input shape, e.g. 3,224,224")
+    check.add_argument("--input-dtype", choices=INPUT_DTYPES)
+    check.add_argument("--optimizer", choices=OPTIMIZERS)
+    check.add_argument("--precision", choices=PRECISIONS)
+    check.add_argument("--mode", choices=MODES)
+    check.add_argument("--threshold", type=float, help="share of the target's memory a plan may use (default 0.8)")
+    check.add_argument("--model", help="the class or function in the file to analyse")
+    check.add_argument("--select", type=_codes, help="rule codes or prefixes to enable (default ALL)")
+    check.add_argument("--ignore", type=_codes, help="rule codes or prefixes to disable")
+    check.add_argument("--depth", type=int, help="module depth shown in the layer table (default 3)")
+    check.add_argument("--timeout", type=float, help="seconds per analysed file (default 60)")
+    check.add_argument("--memory-limit", help="memory limit of the analysis process (default 8GiB; 'none')")
+    check.add_argument("--strategy", choices=STRATEGIES, help=argparse.SUPPRESS)
+    check.add_argument("--devices", type=int, help=argparse.SUPPRESS)
+    check.add_argument("--no-import", action="store_true", default=None,
+                       help="never import or run the analysed files: static rules only")
+    check.add_argument("--output-format", choices=FORMATS, default="text")
+    check.add_argument("-o", "--output-file", help="write the report to this file")
+    check.add_argument("--config", help="pyproject.toml to read [tool.memlint] from")
+    check.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+
+    commands.add_parser("targets", help="list the devices memlint knows")
+    rule = commands.add_parser("rule", help="explain a rule")
+    rule.add_argument("code", nargs="?", help="a rule code, e.g. MEM001")
+    rule.add_argument("--all", action="store_true", help="list every rule")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    start = Path(args.paths[0]) if args.paths else Path.cwd()
+    pyproject = Path(args.config) if args.config else find_pyproject(start if start.exists() else Path.cwd())
+    if args.config and not pyproject.is_file():
+        raise UsageError(f"--config {args.config}: no such file")
+    settings = load_settings(pyproject)
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise UsageError(f"--threshold must be in (0, 1], not {args.threshold}")
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise UsageError(f"--batch-size must be positive, not {args.batch_size}")
+    return settings.merged(
+        targets=tuple(args.targets) if args.targets else None, batch_size=args.batch_size,
+        input_shape=parse_shape(args.input_shape) if args.input_shape else None, input_dtype=args.input_dtype,
+        optimizer=args.optimizer, precision=args.precision, mode=args.mode, threshold=args.threshold,
+        model=args.model, select=args.select, ignore=args.ignore, depth=args.depth, timeout=args.timeout,
+        memory_limit=args.memory_limit, strategy=args.strategy, devices=args.devices, no_import=args.no_import,
+    )
+
+
+def run_check_command(args: argparse.Namespace, out: TextIO) -> int:
+    from memlint.engine import run_check
+    from memlint.reporters import get_reporter
+
+    settings = settings_from_args(args)
+    root = Path(settings.config_path).parent if settings.config_path else Path.cwd()
+    result = run_check(args.paths, settings, root, debug=args.debug)
+    reporter = get_reporter(args.output_format)
+    if args.output_file:
+        with open(args.output_file, "w", encoding="utf-8") as handle:
+            reporter(result, handle, False)
+    else:
+        reporter(result, out, out.isatty())
+    if result.errors and args.output_format != "text":
+        for error in result.errors:
+            print(error.render(), file=sys.stderr)
+    if result.errors:
+        return EXIT_ERROR
+    return EXIT_FINDINGS if result.diagnostics else EXIT_CLEAN
+
+
+def run_targets_command(out: TextIO) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from memlint.targets import builtin_targets
+    from memlint.units import format_gib
+
+    table = Table(title="memlint targets (--target NAME, NAME:SIZE, or mem:SIZE)", title_justify="left")
+    for column in ("Name", "Kind", "Memory (GiB)", "CC", "Native dtypes", "Bandwidth (GB/s)", "Description"):
+        table.add_column(column)
+    for target in builtin_targets().values():
+        table.add_row(target.name, target.kind, format_gib(target.memory_bytes, 1) if target.memory_bytes else "given",
+                      target.compute_capability or "", ", ".join(sorted(target.native_dtypes)),
+                      f"{target.memory_bandwidth / 1e9:.0f}" if target.memory_bandwidth else "", target.description)
+    Console(file=out, width=160).print(table)
+    return EXIT_CLEAN
+
+
+def run_rule_command(args: argparse.Namespace, out: TextIO) -> int:
+    from memlint.rules.base import all_rules, get_rule
+
+    if args.all or not args.code:
+        for rule in all_rules():
+            kind = "model" if rule.needs_model else "static"
+            out.write(f"{rule.code}  {rule.name:<32} {kind:<7} {rule.summary}\n")
+        return EXIT_CLEAN
+    rule = get_rule(args.code)
+    if rule is None:
+        raise UsageError(f"unknown rule {args.code!r}", hint="`memlint rule --all` lists them")
+    out.write(rule.explain())
+    return EXIT_CLEAN
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "check":
+            return run_check_command(args, sys.stdout)
+        if args.command == "targets":
+            return run_targets_command(sys.stdout)
+        return run_rule_command(args, sys.stdout)
+    except MemlintError as exc:
+        if debug:
+            traceback.print_exc()
+        print(exc.render(), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_ERROR
+    except Exception as exc:  # internal error: one paragraph unless --debug
+        if debug:
+            raise
+        print(f"error: memlint failed unexpectedly: {type(exc).__name__}: {exc}\n"
+              "  hint: rerun with --debug and report the traceback", file=sys.stderr)
+        return EXIT_ERROR
