@@ -16,7 +16,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from memlint.autocast import CudaAutocastMode
 from memlint.ledger import Ledger
+from memlint.recompute import modes_survive_recomputation
 
 aten = torch.ops.aten
 
@@ -214,6 +216,7 @@ def simulate_step(model: torch.nn.Module, plan: StepPlan, fake_mode: Any,
             stack.enter_context(mode)
         stack.enter_context(AllocationRecorder(tracker, assumptions))
         stack.enter_context(module_scope(tracker, model))
+        stack.enter_context(modes_survive_recomputation())
         optimizer = plan.optimizer_factory(params) if plan.mode == "train" and plan.optimizer_factory else None
         model.train(plan.mode == "train")
         for _ in range(plan.iterations if plan.mode == "train" else 1):
@@ -262,9 +265,10 @@ def _one_iteration(model: torch.nn.Module, plan: StepPlan, tracker: StorageTrack
 
 
 def _autocast(plan: StepPlan) -> contextlib.AbstractContextManager:
+    """CUDA's autocast policy (see autocast.py), not the CPU's, which differs."""
     if plan.autocast_dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype=plan.autocast_dtype)
+    return CudaAutocastMode(plan.autocast_dtype)
 
 
 def _register_model_state(tracker: StorageTracker, model: torch.nn.Module) -> dict[int, str]:

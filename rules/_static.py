@@ -11,6 +11,7 @@ rule looks at.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
@@ -118,17 +119,70 @@ def has_star_kwargs(call: cst.Call) -> bool:
 _STOP_DEFAULT = (cst.FunctionDef, cst.ClassDef, cst.Lambda)
 
 
-class _Walker(cst.CSTVisitor):
-    def __init__(self, types: tuple[type, ...], stop: tuple[type, ...], root: cst.CSTNode) -> None:
-        self.types = types
-        self.stop = stop
-        self.root = root
-        self.found: list[cst.CSTNode] = []
+# Tokens and whitespace: never what a rule looks for, so the walk does not descend into them.
+_TRIVIA = (
+    cst.BaseParenthesizableWhitespace, cst.TrailingWhitespace, cst.EmptyLine, cst.Newline, cst.Comment,
+    cst.Comma, cst.Dot, cst.LeftParen, cst.RightParen, cst.LeftSquareBracket, cst.RightSquareBracket,
+    cst.LeftCurlyBrace, cst.RightCurlyBrace, cst.AssignEqual, cst.Colon, cst.Semicolon, cst.BaseBinaryOp,
+    cst.BaseBooleanOp, cst.BaseCompOp, cst.BaseUnaryOp, cst.BaseAugOp, cst.ImportStar,
+)
+_TRIVIA_FIELDS = frozenset({
+    "lpar", "rpar", "comma", "semicolon", "leading_lines", "lines_after_decorators", "header", "footer",
+    "trailing_whitespace", "newline", "equal", "colon", "lbracket", "rbracket", "lbrace", "rbrace", "dot",
+    "operator", "asynchronous", "first_line", "lines_after_decorator", "footer",
+})
+_FIELDS: dict[type, tuple[str, ...]] = {}
 
-    def on_visit(self, node: cst.CSTNode) -> bool:
-        if isinstance(node, self.types):
-            self.found.append(node)
-        return node is self.root or not isinstance(node, self.stop)
+
+def _fields(kind: type) -> tuple[str, ...]:
+    names = _FIELDS.get(kind)
+    if names is None:
+        names = tuple(f.name for f in dataclasses.fields(kind)
+                      if f.name not in _TRIVIA_FIELDS and not f.name.startswith("whitespace"))
+        _FIELDS[kind] = names
+    return names
+
+
+_IS_CHILD: dict[type, bool] = {}
+_MATCH: dict[tuple[type, ...], dict[type, bool]] = {}
+
+
+def _is_child(kind: type) -> bool:
+    # isinstance against libcst's abstract bases goes through ABCMeta: cache the answer per type
+    answer = _IS_CHILD.get(kind)
+    if answer is None:
+        answer = _IS_CHILD[kind] = issubclass(kind, cst.CSTNode) and not issubclass(kind, _TRIVIA)
+    return answer
+
+
+def _matcher(types: tuple[type, ...]) -> dict[type, bool]:
+    table = _MATCH.get(types)
+    if table is None:
+        table = _MATCH[types] = {}
+    return table
+
+
+def _is(kind: type, types: tuple[type, ...], table: dict[type, bool]) -> bool:
+    answer = table.get(kind)
+    if answer is None:
+        answer = table[kind] = issubclass(kind, types)
+    return answer
+
+
+def children(node: cst.CSTNode) -> list[cst.CSTNode]:
+    """The syntax children of ``node`` (no tokens, no whitespace), in field order, which follows the source.
+
+    Much cheaper than ``node.visit``, which rebuilds every node it passes through.
+    """
+    out: list[cst.CSTNode] = []
+    for name in _fields(type(node)):
+        value = getattr(node, name)
+        kind = type(value)
+        if kind is tuple or kind is list:
+            out.extend(v for v in value if _is_child(type(v)))
+        elif _is_child(kind):
+            out.append(value)
+    return out
 
 
 def walk(node: cst.CSTNode, types: type | tuple[type, ...], *, stop: tuple[type, ...] = _STOP_DEFAULT) -> list:
@@ -136,36 +190,39 @@ def walk(node: cst.CSTNode, types: type | tuple[type, ...], *, stop: tuple[type,
 
     By default nested functions, lambdas and classes are not entered: they run at another time.
     """
-    walker = _Walker(types if isinstance(types, tuple) else (types,), stop, node)
-    node.visit(walker)
-    return walker.found
+    types = types if isinstance(types, tuple) else (types,)
+    wanted = _matcher(types)
+    stopping = _matcher(stop)
+    found = []
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        kind = type(current)
+        if _is(kind, types, wanted):
+            found.append(current)
+        if stop and current is not node and _is(kind, stop, stopping):
+            continue
+        stack.extend(reversed(children(current)))
+    return found
 
 
 def calls_in(node: cst.CSTNode, *, stop: tuple[type, ...] = _STOP_DEFAULT) -> list[cst.Call]:
     return walk(node, cst.Call, stop=stop)
 
 
-class _NameCollector(cst.CSTVisitor):
-    def __init__(self) -> None:
-        self.names: set[str] = set()
-
-    def visit_Name(self, node: cst.Name) -> None:
-        self.names.add(node.value)
-
-    def visit_Attribute(self, node: cst.Attribute) -> bool:
-        node.value.visit(self)  # ``a.b`` reads ``a``; ``b`` is not a variable
-        return False
-
-    def visit_Arg(self, node: cst.Arg) -> bool:
-        node.value.visit(self)  # ``f(device=d)`` reads ``d``; ``device`` is not a variable
-        return False
-
-
 def names_in(node: cst.CSTNode) -> set[str]:
-    """Every plain variable name under ``node`` (attribute names excluded, nested scopes included)."""
-    collector = _NameCollector()
-    node.visit(collector)
-    return collector.names
+    """Every plain variable name under ``node`` (attribute names and keywords excluded, nested scopes included)."""
+    names: set[str] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, cst.Name):
+            names.add(current.value)
+        elif isinstance(current, (cst.Attribute, cst.Arg)):
+            stack.append(current.value)  # ``a.b`` and ``f(b=a)`` read ``a`` only
+        else:
+            stack.extend(children(current))
+    return names
 
 
 def target_names(target: cst.BaseExpression) -> list[str]:
@@ -573,43 +630,31 @@ def _short(text: str, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-class _FactsVisitor(cst.CSTVisitor):
-    def __init__(self, info: FileFacts) -> None:
-        self.info = info
-        self.functions: list[cst.FunctionDef] = []
-
-    def visit_Import(self, node: cst.Import) -> None:
-        self.info.imports.add(node)
-
-    def visit_ImportFrom(self, node: cst.ImportFrom) -> None:
-        self.info.imports.add(node)
-
-    def visit_ClassDef(self, node: cst.ClassDef) -> None:
-        self.info.classes.append(node)
-
-    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
-        self.functions.append(node)
-        self.info.functions.setdefault(node.name.value, node)
-
-    def leave_FunctionDef(self, original_node: cst.FunctionDef) -> None:
-        self.functions.pop()
-
-    def visit_For(self, node: cst.For) -> None:
-        self.info.fors.append((node, self.functions[-1] if self.functions else None))
-
-    def visit_Call(self, node: cst.Call) -> None:
-        self.info.calls.append(node)
-        if self.info.accelerator_node is None and method_name(node) == "cuda":
-            self.info.accelerator_node = node
-
-    def visit_Assign(self, node: cst.Assign) -> None:
-        self.info.assigns.append(node)
-
-    def visit_SimpleString(self, node: cst.SimpleString) -> None:
-        if len(node.value) < 12 and is_device_string(node):
-            self.info.device_strings.append(node)
-            if self.info.accelerator_node is None:
-                self.info.accelerator_node = node
+def _collect_facts(module: cst.Module, info: FileFacts) -> None:
+    stack: list[tuple[cst.CSTNode, cst.FunctionDef | None]] = [(module, None)]
+    while stack:
+        node, function = stack.pop()
+        if isinstance(node, cst.Call):
+            info.calls.append(node)
+            if info.accelerator_node is None and method_name(node) == "cuda":
+                info.accelerator_node = node
+        elif isinstance(node, cst.SimpleString):
+            if len(node.value) < 12 and is_device_string(node):
+                info.device_strings.append(node)
+                if info.accelerator_node is None:
+                    info.accelerator_node = node
+        elif isinstance(node, cst.Assign):
+            info.assigns.append(node)
+        elif isinstance(node, cst.For):
+            info.fors.append((node, function))
+        elif isinstance(node, cst.FunctionDef):
+            info.functions.setdefault(node.name.value, node)
+            function = node
+        elif isinstance(node, cst.ClassDef):
+            info.classes.append(node)
+        elif isinstance(node, (cst.Import, cst.ImportFrom)):
+            info.imports.add(node)
+        stack.extend((child, function) for child in reversed(children(node)))
 
 
 def facts(ctx: "RuleContext") -> FileFacts:
@@ -617,7 +662,7 @@ def facts(ctx: "RuleContext") -> FileFacts:
     cached = ctx.extras.get("memlint.static.facts")
     if cached is None:
         cached = FileFacts()
-        ctx.module.visit(_FactsVisitor(cached))
+        _collect_facts(ctx.module, cached)
         ctx.extras["memlint.static.facts"] = cached
     return cached  # type: ignore[return-value]
 

@@ -1,0 +1,93 @@
+"""CUDA autocast, as the GPU runs it, emulated over CPU fake tensors.
+
+``torch.autocast("cpu")`` has a different op policy than ``torch.autocast("cuda")``: on a GPU,
+layer norm, softmax, ``pow``, ``exp`` and the losses run in fp32, so their inputs are cast up
+(a real copy, often saved for backward) and their outputs are fp32. The memory of a
+mixed-precision step depends on exactly that, so this mode applies the CUDA policy of
+aten/src/ATen/autocast_mode.cpp (``KERNEL_CUDA`` lists) at the torch-function level, with
+autocast's cache of weight casts (``cached_cast``: leaf tensors that require grad are cast
+once per autocast region).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+T = torch.Tensor
+
+# Ops that autocast runs in the lower precision (the "lower_precision_fp" policy).
+LOWER_PRECISION: set[Callable] = {
+    F.linear, torch.matmul, T.matmul, T.__matmul__, T.__rmatmul__, torch.mm, T.mm, torch.bmm, T.bmm,
+    torch.baddbmm, T.baddbmm, torch.addmm, T.addmm, torch.addbmm, T.addbmm, torch.addmv, torch.addr, torch.mv,
+    torch.einsum, torch.chain_matmul, torch.linalg.multi_dot, torch.linalg.vecdot, F.prelu,
+    F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d, torch.conv1d,
+    torch.conv2d, torch.conv3d, torch.convolution, F.scaled_dot_product_attention,
+}
+
+# Ops that autocast runs in fp32 (the "fp32" policy): inputs are cast up.
+FP32: set[Callable] = {
+    torch.acos, torch.asin, torch.cosh, torch.erfinv, torch.exp, T.exp, torch.expm1, torch.log, T.log,
+    torch.log10, torch.log2, torch.log1p, T.log1p, torch.reciprocal, T.reciprocal, torch.rsqrt, T.rsqrt,
+    torch.sinh, torch.tan, torch.pow, T.pow, T.__pow__, T.__rpow__, F.softplus, F.layer_norm, torch.layer_norm,
+    F.group_norm, torch.group_norm, F.cosine_similarity, F.poisson_nll_loss, F.cosine_embedding_loss,
+    F.nll_loss, F.hinge_embedding_loss, F.kl_div, F.l1_loss, F.smooth_l1_loss, F.huber_loss, F.mse_loss,
+    F.margin_ranking_loss, F.multilabel_margin_loss, F.soft_margin_loss, F.triplet_margin_loss,
+    F.multi_margin_loss, F.binary_cross_entropy_with_logits, torch.dist, torch.cdist, torch.renorm,
+    torch.logsumexp, T.logsumexp, F.cross_entropy,
+}
+
+# Ops that run in fp32 through their dtype argument (the "fp32_set_opt_dtype" policy): no input copy.
+FP32_VIA_DTYPE: set[Callable] = {
+    F.softmax, torch.softmax, T.softmax, F.log_softmax, torch.log_softmax, T.log_softmax, torch.cumsum,
+    T.cumsum, torch.cumprod, T.cumprod, torch.prod, T.prod,
+}
+
+# Ops that cast all inputs to the widest floating type among them (the "promote" policy).
+PROMOTE: set[Callable] = {torch.cat, torch.stack, torch.addcmul, torch.addcdiv, torch.index_put, torch.scatter_add}
+
+
+def _eligible(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64
+
+
+class CudaAutocastMode(TorchFunctionMode):
+    """``torch.autocast("cuda", dtype=...)`` semantics for the ops that decide memory."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __exit__(self, *exc: Any) -> Any:
+        self.cache.clear()  # autocast clears its cast cache when the outermost region exits
+        return super().__exit__(*exc)
+
+    def _cast(self, value: Any, dtype: torch.dtype) -> Any:
+        if not _eligible(value) or value.dtype == dtype:
+            return value
+        cacheable = dtype == self.dtype and value.is_leaf and value.requires_grad
+        if cacheable and id(value) in self.cache:
+            return self.cache[id(value)]
+        cast = value.to(dtype)
+        if cacheable:
+            self.cache[id(value)] = cast
+        return cast
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in LOWER_PRECISION:
+            args, kwargs = tree_map(lambda v: self._cast(v, self.dtype), (args, kwargs))
+        elif func in FP32:
+            args, kwargs = tree_map(lambda v: self._cast(v, torch.float32), (args, kwargs))
+        elif func in FP32_VIA_DTYPE and kwargs.get("dtype") is None and args and _eligible(args[0]):
+            kwargs = {**kwargs, "dtype": torch.float32}
+        elif func in PROMOTE:
+            tensors = [v for v in tree_flatten((args, kwargs))[0] if _eligible(v)]
+            if tensors:
+                widest = max((t.dtype for t in tensors), key=lambda d: torch.finfo(d).bits)
+                args, kwargs = tree_map(lambda v: self._cast(v, widest), (args, kwargs))
+        return func(*args, **kwargs)
