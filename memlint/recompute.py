@@ -39,22 +39,26 @@ class _ReentrantShim:
         return self.original.apply(_with_modes(function, _get_current_function_mode_stack()), *args)
 
 
+# The names checkpoint() calls the non-reentrant generator by (renamed to *_impl in 2.14);
+# each takes the checkpointed function as its first argument.
+_GENERATORS = ("_checkpoint_without_reentrant_generator", "_checkpoint_without_reentrant_generator_impl")
+
+
+def _patched_generator(generator: Callable[..., Any]) -> Callable[..., Any]:
+    def patched(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return generator(_with_modes(fn, _get_current_function_mode_stack()), *args, **kwargs)
+    return patched
+
+
 @contextlib.contextmanager
 def modes_survive_recomputation() -> Iterator[None]:
-    generator = getattr(checkpoint_module, "_checkpoint_without_reentrant_generator", None)
-    reentrant = getattr(checkpoint_module, "CheckpointFunction", None)
-
-    def patched_generator(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return generator(_with_modes(fn, _get_current_function_mode_stack()), *args, **kwargs)
-
-    if generator is not None:
-        checkpoint_module._checkpoint_without_reentrant_generator = patched_generator
-    if reentrant is not None:
-        checkpoint_module.CheckpointFunction = _ReentrantShim(reentrant)
+    originals = {name: getattr(checkpoint_module, name) for name in (*_GENERATORS, "CheckpointFunction")
+                 if hasattr(checkpoint_module, name)}
+    for name, original in originals.items():
+        replacement = _ReentrantShim(original) if name == "CheckpointFunction" else _patched_generator(original)
+        setattr(checkpoint_module, name, replacement)
     try:
         yield
     finally:
-        if generator is not None:
-            checkpoint_module._checkpoint_without_reentrant_generator = generator
-        if reentrant is not None:
-            checkpoint_module.CheckpointFunction = reentrant
+        for name, original in originals.items():
+            setattr(checkpoint_module, name, original)
