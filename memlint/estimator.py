@@ -10,10 +10,11 @@ from typing import Any, Callable
 
 import torch
 
-from memlint.allocator import OutOfMemory, replay_allocator, round_size
+from memlint.allocator import CachingAllocatorModel, OutOfMemory, replay_allocator, round_size
 from memlint.build import build_fake_model, new_fake_mode
 from memlint.errors import ModelError
 from memlint.gpu_kernels import GpuKernelMode
+from memlint.ledger import Ledger, interpolate
 from memlint.report import LayerReport, ModelReport
 from memlint.simulate import Assumptions, SimulationResult, StepPlan, ValueAssumingMode, simulate_step
 from memlint.step import AUTOCAST, CAST, input_factory, loss_factory, optimizer_factory
@@ -56,6 +57,19 @@ class Workload:
     mode: str
 
 
+@dataclass
+class Evaluation:
+    """One batch size through the memory model: the allocator's verdict under the budget.
+
+    ``reserved`` is what the caching allocator holds at peak on this target: under the cap
+    when the step fits, else the smallest cap under which it would run.
+    """
+
+    fits: bool
+    reserved: int
+    allocator: CachingAllocatorModel
+
+
 class Estimator:
     """Builds the model once on fake tensors, then simulates it at any batch size."""
 
@@ -71,69 +85,102 @@ class Estimator:
         self.optimizer_factory = optimizer_factory(workload.optimizer, workload.build_optimizer)
         self.loss = loss_factory(workload.loss_fn, workload.path)
         self.workspace = cublas_workspace_bytes(target)
-        self._fits: dict[int, bool] = {}
+        self.evaluations: dict[int, Evaluation] = {}
+        self.simulated: dict[int, Ledger] = {}
 
-    def plan(self, batch_size: int, iterations: int = 3) -> StepPlan:
+    def plan(self, batch_size: int) -> StepPlan:
         w = self.workload
         return StepPlan(mode=w.mode, make_inputs=input_factory(batch_size, w.example_inputs, w.input_shape,
                                                              w.input_dtype, w.path),
                         loss_fn=self.loss, optimizer_factory=self.optimizer_factory,
-                        autocast_dtype=AUTOCAST.get(w.precision), iterations=iterations)
+                        autocast_dtype=AUTOCAST.get(w.precision))
 
     def trace(self) -> TraceResult:
         scalars = ValueAssumingMode(Assumptions())
         return _translate_errors(lambda: trace_model(self.model, self.plan(self.workload.batch_size).make_inputs,
                                                      self.fake_mode, self.sites, scalars), self.workload)
 
-    def simulate(self, batch_size: int, iterations: int = 3) -> SimulationResult:
-        return _translate_errors(lambda: simulate_step(self.model, self.plan(batch_size, iterations), self.fake_mode,
+    def simulate(self, batch_size: int) -> SimulationResult:
+        return _translate_errors(lambda: simulate_step(self.model, self.plan(batch_size), self.fake_mode,
                                                        (GpuKernelMode(),)), self.workload)
 
-    def device_cap(self) -> int:
+    def allocator_cap(self) -> int:
         """Bytes the caching allocator may reserve: the budget less what lives outside it."""
         return self.target.budget_bytes(self.threshold) - self.target.context_bytes - self.target.workspace_bytes
 
-    def fits(self, batch_size: int) -> bool:
-        """Whether a step at this batch size runs under the budget, allocator and all."""
-        if batch_size not in self._fits:
-            # Iteration 2 of a deterministic simulation repeats exactly from then on (the
-            # optimizer state exists from step 1), so two iterations decide what three would.
-            ledger = self.simulate(batch_size, iterations=2).ledger
+    def evaluate(self, batch_size: int, ledger: Ledger | None = None) -> Evaluation:
+        """Replay a step through the allocator model capped at the budget, as a real card would run it.
+
+        Under the cap the allocator frees its cached segments before giving up, so a step
+        fits when that replay succeeds; its reserved peak is then what the card holds.
+        """
+        if batch_size not in self.evaluations:
+            ledger = ledger or self._ledger_for(batch_size)
             try:
-                replay_allocator(ledger, cap_bytes=self.device_cap(), extra_bytes=self.workspace)
-                self._fits[batch_size] = True
+                allocator = replay_allocator(ledger, cap_bytes=self.allocator_cap(), extra_bytes=self.workspace)
+                fits = True
             except OutOfMemory:
-                self._fits[batch_size] = False
-        return self._fits[batch_size]
+                allocator = smallest_sufficient_cap(ledger, self.workspace)
+                fits = False
+            self.evaluations[batch_size] = Evaluation(fits, allocator.peak_reserved, allocator)
+        return self.evaluations[batch_size]
 
-    def max_batch_size(self, known_peaks: dict[int, int]) -> int | None:
-        """Largest batch that fits, by evaluating the memory model, guided by an affine guess."""
-        lo, hi = 0, MAX_BATCH_LIMIT + 1
-        for batch, fits in self._fits.items():
-            lo, hi = (max(lo, batch), hi) if fits else (lo, min(hi, batch))
-        peaks = dict(known_peaks)
-        while hi - lo > 1:
-            candidate = _affine_guess(peaks, self.device_cap(), lo, hi)
-            if self.fits(candidate):
-                lo = candidate
-            else:
-                hi = candidate
-        return lo or None
+    def _ledger_for(self, batch_size: int) -> Ledger:
+        """Interpolate between two simulated batch sizes when they ran the same ops; else simulate."""
+        if len(self.simulated) >= 2:
+            (b1, first), (b2, second) = sorted(self.simulated.items())[:2]
+            ledger = interpolate(first, b1, second, b2, batch_size)
+            if ledger is not None:
+                return ledger
+        return self.simulated_ledger(batch_size)
+
+    def simulated_ledger(self, batch_size: int) -> Ledger:
+        if batch_size not in self.simulated:
+            self.simulated[batch_size] = self.simulate(batch_size).ledger
+        return self.simulated[batch_size]
+
+    def max_batch_size(self) -> int | None:
+        """The largest batch that runs, found the way it is measured: doubling from 1, then bisection.
+
+        The caching allocator makes "fits" slightly non-monotonic near the limit, so the
+        procedure matters; this is the one of the calibration protocol. The answer is then
+        checked by a full simulation, not only by interpolation.
+        """
+        if len(self.simulated) < 2:
+            self.simulated_ledger(2 * max(self.simulated, default=1))
+        if not self.evaluate(1).fits:
+            return None
+        good = 1
+        while good * 2 <= MAX_BATCH_LIMIT and self.evaluate(good * 2).fits:
+            good *= 2
+        bad = good * 2
+        while bad - good > 1:
+            middle = (good + bad) // 2
+            good, bad = (middle, bad) if self.evaluate(middle).fits else (good, middle)
+        while good > 1 and good not in self.simulated:
+            del self.evaluations[good]
+            self.simulated_ledger(good)
+            if self.evaluate(good).fits:
+                break
+            good -= 1
+        return good
 
 
-def _affine_guess(peaks: dict[int, int], cap: int, lo: int, hi: int) -> int:
-    """Next batch to try: where the line through the two largest measured peaks meets the cap."""
-    points = sorted(peaks.items())[-2:]
-    guess = None
-    if len(points) == 2 and points[1][0] != points[0][0]:
-        (b0, p0), (b1, p1) = points
-        slope = (p1 - p0) / (b1 - b0)
-        if slope > 0:
-            guess = int(b0 + (cap - p0) / slope)
-    if guess is None or not lo < guess < hi:
-        guess = (lo + hi) // 2 if hi <= MAX_BATCH_LIMIT else max(lo * 2, 1)
-    # Probe both sides of an affine guess so the bracket closes in few steps.
-    return min(max(guess, lo + 1), hi - 1)
+def smallest_sufficient_cap(ledger: Ledger, workspace: int, resolution: int = 2 << 20) -> CachingAllocatorModel:
+    """The allocator run under the smallest cap (to 2 MiB) that the step needs: what it really needs.
+
+    Uncapped, the caching allocator keeps every segment it ever made; a card with less memory
+    would release cached segments instead, so the uncapped reserve overstates the need.
+    """
+    uncapped = replay_allocator(ledger, extra_bytes=workspace)
+    lo, hi, best = uncapped.peak_allocated - 1, uncapped.peak_reserved, uncapped
+    while hi - lo > resolution:
+        middle = (lo + hi) // 2
+        try:
+            best, hi = replay_allocator(ledger, cap_bytes=middle, extra_bytes=workspace), middle
+        except OutOfMemory:
+            lo = middle
+    return best
 
 
 def _translate_errors(run: Callable[[], Any], workload: Workload) -> Any:
@@ -157,37 +204,30 @@ def analyse(workload: Workload, target: Target, threshold: float, depth: int = 3
     estimator = Estimator(workload, target, threshold)
     trace = estimator.trace()
     result = estimator.simulate(workload.batch_size)
-    ledger = result.ledger
+    ledger = estimator.simulated[workload.batch_size] = result.ledger
     peaks = ledger.peak_per_iteration(round_size)
     worst_iteration = max(range(len(peaks)), key=peaks.__getitem__)
     peak = ledger.replay(round_size, start=ledger.iteration_marks[worst_iteration])
-    allocator = replay_allocator(ledger, extra_bytes=estimator.workspace)
+    evaluation = estimator.evaluate(workload.batch_size, ledger)
     peak_allocated = peak.total + estimator.workspace
-    library_bytes = target.workspace_bytes + estimator.workspace + (allocator.peak_reserved - allocator.peak_allocated)
-    peak_device = allocator.peak_reserved + target.workspace_bytes + target.context_bytes
     breakdown = {role: peak.by_role.get(role, 0) for role in
                  ("parameters", "buffers", "gradients", "optimizer_state", "activations", "inputs", "temporaries")}
-    breakdown["workspace"] = library_bytes
+    # Library workspaces, and what the caching allocator holds reserved beyond the live blocks.
+    breakdown["workspace"] = target.workspace_bytes + estimator.workspace + evaluation.reserved - \
+        evaluation.allocator.peak_allocated
     breakdown["context"] = target.context_bytes
-    estimator._fits[workload.batch_size] = peak_device <= target.budget_bytes(threshold)
-    max_batch = None
-    if find_max_batch:
-        other = max(1, workload.batch_size * 2)
-        second = estimator.simulate(other, iterations=2).ledger
-        known = {workload.batch_size: allocator.peak_reserved,
-                 other: replay_allocator(second, extra_bytes=estimator.workspace).peak_reserved}
-        estimator._fits[other] = known[other] + target.workspace_bytes + target.context_bytes \
-            <= target.budget_bytes(threshold)
-        max_batch = estimator.max_batch_size(known)
     return ModelReport(
         path=workload.path, name=workload.name, target=target.name, capacity_bytes=target.memory_bytes,
         threshold=threshold, batch_size=workload.batch_size, mode=workload.mode,
         optimizer=(workload.optimizer or ("build_optimizer" if workload.build_optimizer else "adam"))
         if workload.mode == "train" else "none",
-        precision=workload.precision, peak_allocated_bytes=peak_allocated, peak_device_bytes=peak_device,
-        max_batch_size=max_batch, tracer=trace.tracer, breakdown=breakdown,
-        layers=_layers(estimator.model, trace, result, estimator.sites, depth, f"{workload.path}:{workload.line}"), line=workload.line,
-        budget_bytes=target.budget_bytes(threshold), peak_phase=peak.phase,
+        precision=workload.precision, peak_allocated_bytes=peak_allocated,
+        peak_device_bytes=evaluation.reserved + target.workspace_bytes + target.context_bytes,
+        max_batch_size=estimator.max_batch_size() if find_max_batch else None, tracer=trace.tracer,
+        breakdown=breakdown,
+        layers=_layers(estimator.model, trace, result, estimator.sites, depth, f"{workload.path}:{workload.line}"),
+        line=workload.line, budget_bytes=target.budget_bytes(threshold), peak_phase=peak.phase,
+        overhead_bytes=target.context_bytes + target.workspace_bytes + estimator.workspace,
         assumptions=[*trace.notes, *result.assumptions], graph=trace.nodes,
         timeline=ledger.timeline(round_size, ledger.iteration_marks[worst_iteration]),
     )

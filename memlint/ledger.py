@@ -141,5 +141,20 @@ class Ledger:
         return points[::stride]
 
 
-def empty_breakdown() -> dict[str, int]:
-    return dict.fromkeys(BREAKDOWN_KEYS, 0)
+def interpolate(first: Ledger, first_batch: int, second: Ledger, second_batch: int, batch: int) -> Ledger | None:
+    """The ledger at ``batch`` from two simulations, when both ran the same ops in the same order.
+
+    Every storage's size is then affine in the batch size (a shape's batch dimension times
+    the rest), so two points determine it; sizes round up, never down. Returns None when the
+    op sequences differ (control flow that depends on the batch): simulate instead.
+    """
+    if first.events != second.events or len(first.storages) != len(second.storages):
+        return None
+    span = second_batch - first_batch
+    storages = []
+    for a, b in zip(first.storages, second.storages):
+        size = a.nbytes + -(-(b.nbytes - a.nbytes) * (batch - first_batch) // span)
+        if size < 0:
+            return None
+        storages.append(StorageInfo(size, a.role, a.module, a.phase))
+    return Ledger(storages=storages, events=first.events, iteration_marks=first.iteration_marks)

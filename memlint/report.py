@@ -78,6 +78,7 @@ class ModelReport:
     graph: list[GraphNode] = field(default_factory=list)
     timeline: list[TimelinePoint] = field(default_factory=list)
     batch_size_source: str | None = None
+    overhead_bytes: int = 0  # CUDA context + library workspaces: what a card loses at any batch size
 
     def to_json(self, *, full: bool = False) -> dict[str, Any]:
         """The stable contract; ``full`` adds the graph and timeline used by rules and reports."""

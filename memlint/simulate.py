@@ -174,7 +174,7 @@ class StepPlan:
     loss_fn: Callable[[Any, tuple, dict], torch.Tensor]
     optimizer_factory: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None
     autocast_dtype: torch.dtype | None = None
-    iterations: int = 3
+    iterations: int = 3  # as a real loop: step 1 creates the optimizer state, steps 2-3 run with it
 
 
 @dataclass

@@ -321,6 +321,9 @@ class Imports:
 # --------------------------------------------------------------------------------------------
 
 def is_dtype(expr: cst.BaseExpression, imports: Imports) -> bool:
+    """``torch.float16``, ``x.dtype``, ``dtype``, ``torch.get_default_dtype()``."""
+    if isinstance(expr, cst.Call):
+        return "dtype" in call_name(expr).lower()
     qualified = imports.qualify(expr)
     if qualified in DTYPES:
         return True

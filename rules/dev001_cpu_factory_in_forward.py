@@ -7,8 +7,10 @@ import libcst as cst
 
 from memlint.diagnostics import Diagnostic, Severity
 from memlint.rules._static import (
-    FACTORIES, LEGACY_TENSOR_TYPES, NO_DEVICE_ARGUMENT, calls_in, code, device_text, facts, first_param,
-    has_star_kwargs, is_move_call, keyword, module_classes, position, reachable_methods, target_names, walk,
+    FACTORIES, LEGACY_TENSOR_TYPES, NO_DEVICE_ARGUMENT, call_name, calls_in, children, code, device_text, facts,
+    first_param, has_star_kwargs, is_move_call, is_sync_call, keyword, method_name, module_classes, names_in,
+    position,
+    positional, reachable_methods, target_names, walk,
 )
 from memlint.rules.base import Rule, RuleContext
 
@@ -18,14 +20,23 @@ def _squash(text: str, limit: int = 70) -> str:
     return text if len(text) <= limit else text[: limit - 4] + "...)"
 
 
-def _with_device(call: cst.Call, device: str) -> str:
-    arg = cst.Arg(keyword=cst.Name("device"), value=cst.parse_expression(device),
-                  equal=cst.AssignEqual(whitespace_before=cst.SimpleWhitespace(""),
-                                        whitespace_after=cst.SimpleWhitespace("")))
+def _keyword_arg(name: str, value: cst.BaseExpression) -> cst.Arg:
+    return cst.Arg(keyword=cst.Name(name), value=value,
+                   equal=cst.AssignEqual(whitespace_before=cst.SimpleWhitespace(""),
+                                         whitespace_after=cst.SimpleWhitespace("")))
+
+
+def _with_device(call: cst.Call, device: str, move: cst.Call | None = None) -> str:
+    """The factory call with ``device=`` added (and the move's ``dtype=`` when the factory has none)."""
     args = list(call.args)
     if args and isinstance(args[-1].comma, cst.Comma):  # a trailing comma: keep it after the new argument
         args[-1] = args[-1].with_changes(comma=cst.Comma(whitespace_after=cst.SimpleWhitespace(" ")))
-    return _squash(code(call.with_changes(args=[*args, arg])), limit=200)
+    extra = []
+    dtype = keyword(move, "dtype") if move is not None else None
+    if dtype is not None and keyword(call, "dtype") is None:
+        extra.append(_keyword_arg("dtype", dtype.value))
+    extra.append(_keyword_arg("device", cst.parse_expression(device)))
+    return _squash(code(call.with_changes(args=[*args, *extra])), limit=200)
 
 
 def _device_hint(func: cst.FunctionDef, forward: cst.FunctionDef) -> tuple[str, str]:
@@ -40,6 +51,187 @@ def _device_hint(func: cst.FunctionDef, forward: cst.FunctionDef) -> tuple[str, 
         return "device", f" (pass the input's device into `{func.name.value}`)"
     param = first_param(forward, 1)
     return (f"{param}.device" if param else "x.device"), ""
+
+
+_SIZED = frozenset(f"torch.{n}" for n in ("zeros", "ones", "empty", "rand", "randn"))
+_SCALAR_CALLS = frozenset({"size", "dim", "numel", "len", "float", "int", "bool", "item", "sqrt", "log", "exp",
+                           "min", "max", "abs", "round", "prod"})
+_COLLECTING = frozenset({"append", "extend", "insert", "add", "update", "setdefault"})
+_TRACING = frozenset({"is_tracing", "is_scripting", "is_compiling", "is_torchdynamo_compiling", "is_exporting"})
+
+
+def _scalar_expr(expr: cst.BaseExpression) -> bool | None:
+    """True: surely one number; False: surely not (a list, tuple, array); None: cannot tell."""
+    if isinstance(expr, (cst.Integer, cst.Float, cst.Imaginary)):
+        return True
+    if isinstance(expr, cst.Name):
+        return True if expr.value in ("True", "False") else None
+    if isinstance(expr, (cst.List, cst.Tuple, cst.ListComp, cst.GeneratorExp, cst.Set)):
+        return False
+    if isinstance(expr, cst.UnaryOperation):
+        return _scalar_expr(expr.expression)
+    if isinstance(expr, cst.BinaryOperation):
+        sides = (_scalar_expr(expr.left), _scalar_expr(expr.right))
+        if False in sides:
+            return False
+        literal = any(isinstance(s, (cst.Integer, cst.Float)) for s in (expr.left, expr.right))
+        return True if literal or sides == (True, True) else None
+    if isinstance(expr, cst.Call):
+        return True if call_name(expr) in _SCALAR_CALLS else None
+    if isinstance(expr, cst.Subscript) and isinstance(expr.value, cst.Attribute) and expr.value.attr.value == "shape":
+        index = expr.slice[0].slice if len(expr.slice) == 1 else None
+        return True if isinstance(index, cst.Index) else None
+    return None
+
+
+def _zero_dim(call: cst.Call, qualified: str) -> bool:
+    """A single number (``torch.rand([])``, ``torch.tensor(0.5)``, ``torch.tensor(x.size(-1))``).
+
+    PyTorch lets a 0-dim CPU tensor take part in operations with tensors on any device (it is
+    passed as a scalar), and such tensors are often made on the CPU on purpose, to compare on
+    the host (``if torch.rand([]) < self.layerdrop:``).
+    """
+    args = positional(call)
+    if qualified in _SIZED:
+        if not args and keyword(call, "size") is None:
+            return True
+        first = args[0].value if args else keyword(call, "size").value  # type: ignore[union-attr]
+        return isinstance(first, (cst.List, cst.Tuple)) and not first.elements and len(args) <= 1
+    if qualified in ("torch.tensor", "torch.as_tensor", "torch.scalar_tensor") and args:
+        return _scalar_expr(args[0].value) is True
+    return False
+
+
+def _data_names(expr: cst.BaseExpression) -> set[str]:
+    """Names whose data flows into ``expr``; not those only used as an index (``gpu[cpu_idx]`` stays on the GPU)."""
+    names: set[str] = set()
+    stack: list[cst.CSTNode] = [expr]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, cst.Subscript):
+            stack.append(node.value)
+        elif isinstance(node, cst.Name):
+            names.add(node.value)
+        else:
+            stack.extend(children(node) if not isinstance(node, (cst.Attribute, cst.Arg)) else [node.value])
+    return names
+
+
+class _Flow:
+    """Where a factory's tensor goes inside one method: moved, returned, used on the host, or into the math.
+
+    Names are followed through assignments (``pos = torch.arange(n)`` then ``ids = pos[None] + 1``),
+    ignoring order; a move of any of them counts as a move of the tensor.
+    """
+
+    def __init__(self, func: cst.FunctionDef, calls: list[cst.Call], imports) -> None:
+        self.func = func
+        self.owner: dict[int, int] = {}
+        self.assigns: list[tuple[set[str], set[str]]] = []
+        self.statement_targets: list[set[str]] = []
+        for index, small in enumerate(walk(func.body, cst.BaseSmallStatement, stop=(cst.ClassDef,))):
+            targets, value = self._targets(small)
+            self.statement_targets.append(targets)
+            if value is not None and targets:
+                self.assigns.append((targets, _data_names(value)))
+            for inner in calls_in(small, stop=(cst.ClassDef,)):
+                self.owner[id(inner)] = index
+                # ``parts.append(torch.arange(n))``: the list now holds the tensor
+                if (method_name(inner) in _COLLECTING and isinstance(inner.func.value, cst.Name)  # type: ignore[union-attr]
+                        and inner.args):
+                    collected = {inner.func.value.value}  # type: ignore[union-attr]
+                    self.statement_targets[index] = self.statement_targets[index] | collected
+                    self.assigns.append((collected, set().union(*(names_in(a.value) for a in inner.args))))
+        self.moves = [self._summary(call.func.value, call) for call in calls  # type: ignore[union-attr]
+                      if is_move_call(call, imports)]
+        self.host = [self._summary(call.func.value, call) for call in calls  # type: ignore[union-attr]
+                     if is_sync_call(call)]
+        # iterated in Python, or decided on in an ``if``/``while``: the host reads it
+        for loop in walk(func.body, cst.For, stop=(cst.ClassDef,)):
+            self.host.append(self._summary(loop.iter, loop))
+        for branch in walk(func.body, (cst.If, cst.While), stop=(cst.ClassDef,)):
+            for inner in calls_in(branch.test):
+                self.host.append(self._summary(inner, branch))
+        self.returns = [self._summary(node.value, node)
+                        for node in walk(func.body, cst.Return) if node.value is not None]
+        # which names are only ever used to index other tensors (``x[idx]``)
+        self.in_slice: set[int] = set()
+        for sub in walk(func.body, cst.Subscript, stop=(cst.ClassDef,)):
+            for element in sub.slice:
+                self.in_slice.update(id(n) for n in walk(element, (cst.Name, cst.Call), stop=(cst.ClassDef,)))
+        self.bound: set[int] = set()
+        for node in walk(func.body, (cst.Assign, cst.AnnAssign, cst.AugAssign), stop=(cst.ClassDef,)):
+            for target in ([t.target for t in node.targets] if isinstance(node, cst.Assign) else [node.target]):
+                if isinstance(target, (cst.Name, cst.Tuple, cst.List)):
+                    self.bound.update(id(n) for n in walk(target, cst.Name))
+        self.uses: dict[str, list[int]] = {}
+        for name in walk(func.body, cst.Name, stop=(cst.ClassDef,)):
+            if id(name) not in self.bound:
+                self.uses.setdefault(name.value, []).append(id(name))
+        self.tracing: set[int] = set()
+        for node in walk(func.body, (cst.If, cst.IfExp), stop=(cst.ClassDef,)):
+            if any(call_name(c) in _TRACING for c in calls_in(node.test)):
+                self.tracing.update(id(c) for c in calls_in(node, stop=(cst.ClassDef,)))
+
+    @staticmethod
+    def _targets(small: cst.CSTNode) -> tuple[set[str], cst.BaseExpression | None]:
+        if isinstance(small, cst.Assign):
+            exprs = [t.target for t in small.targets]
+        elif isinstance(small, (cst.AnnAssign, cst.AugAssign)) and small.value is not None:
+            exprs = [small.target]
+        else:
+            return set(), None
+        names: set[str] = set()
+        for expr in exprs:
+            names.update(target_names(expr))
+            if isinstance(expr, cst.Subscript) and isinstance(expr.value, cst.Name):
+                names.add(expr.value.value)  # ``pos[:, 0::2] = torch.sin(...)`` fills ``pos``
+        return names, small.value  # type: ignore[return-value]
+
+    @staticmethod
+    def _summary(expr: cst.BaseExpression, node: cst.CSTNode) -> tuple[set[str], set[int], cst.CSTNode]:
+        return names_in(expr), {id(c) for c in calls_in(expr, stop=(cst.ClassDef,))}, node
+
+    def fate(self, factory: cst.Call, *, returns_matter: bool) -> "str | tuple[cst.Call, bool]":
+        """``"host"`` (made for the CPU on purpose: silent), ``(move, at_once)`` (moved later: info),
+        ``"returned"`` (a helper hands it to its caller: info), ``"index"`` (only used to index other
+        tensors, which PyTorch allows at the cost of a copy: info), ``"unsure"`` (maybe a scalar: info),
+        or ``"device"`` (it meets the module's tensors on the CPU: warning)."""
+        if id(factory) in self.tracing:
+            return "host"
+        owner = self.owner.get(id(factory))
+        tainted = set(self.statement_targets[owner]) if owner is not None else set()
+        changed = bool(tainted)
+        while changed:
+            changed = False
+            for targets, names in self.assigns:
+                if names & tainted and not targets <= tainted:
+                    tainted |= targets
+                    changed = True
+        key = id(factory)
+        if any(key in ids or names & tainted for names, ids, _ in self.host):
+            return "host"
+        for names, ids, move in self.moves:
+            if key in ids:
+                return move, True  # type: ignore[return-value]
+        later = [move for names, ids, move in self.moves if names & tainted]
+        if later:
+            # prefer a move after the factory (the other branch of an ``if`` may have its own)
+            start = owner if owner is not None else -1
+            after = [m for m in later if self.owner.get(id(m), -1) >= start]
+            return (after or later)[0], False  # type: ignore[return-value]
+        if returns_matter and any(key in ids or names & tainted for names, ids, _ in self.returns):
+            return "returned"
+        if key in self.in_slice:
+            return "index"
+        direct = self.statement_targets[owner] if owner is not None else set()
+        uses = [use for name in direct for use in self.uses.get(name, [])]
+        if uses and all(use in self.in_slice for use in uses):
+            return "index"
+        if factory.args and _scalar_expr(factory.args[0].value) is None and \
+                call_name(factory) in ("tensor", "as_tensor", "scalar_tensor"):
+            return "unsure"
+        return "device"
 
 
 class CpuFactoryInForward(Rule):
@@ -262,49 +454,70 @@ class Net(nn.Module):
             forward = reached[0][0]
             for func, path in reached:
                 calls = calls_in(func.body, stop=(cst.ClassDef,))
-                moved: dict[int, cst.Call] = {}
-                for call in calls:
-                    if is_move_call(call, imports):
-                        node = call.func.value  # type: ignore[union-attr]
-                        while True:  # the receiver chain: torch.zeros(3).float()[None].to(d)
-                            if isinstance(node, cst.Call) and isinstance(node.func, cst.Attribute):
-                                moved[id(node)] = call
-                                node = node.func.value
-                            elif isinstance(node, cst.Call):
-                                moved[id(node)] = call
-                                break
-                            elif isinstance(node, cst.Subscript):
-                                node = node.value
-                            else:
-                                break
-                where = f"{cls.name.value}.{path[-1]}" + (
-                    "" if len(path) == 1 else f" (called from {' -> '.join(path[:-1])})")
+                factories = []
                 for call in calls:
                     qualified = imports.qualify(call.func)
                     if qualified not in FACTORIES and qualified not in LEGACY_TENSOR_TYPES:
                         continue
-                    if keyword(call, "device") is not None or has_star_kwargs(call):
+                    if keyword(call, "device") is not None or has_star_kwargs(call) or _zero_dim(call, qualified):
                         continue
-                    diagnostic = self._diagnose(ctx, call, qualified, moved.get(id(call)), where, func, forward)
+                    factories.append((call, qualified))
+                if not factories:
+                    continue
+                flow = _Flow(func, calls, imports)
+                where = f"{cls.name.value}.{path[-1]}" + (
+                    "" if len(path) == 1 else f" (called from {' -> '.join(path[:-1])})")
+                for call, qualified in factories:
+                    fate = flow.fate(call, returns_matter=func is not forward)
+                    if fate == "host":
+                        continue
+                    diagnostic = self._diagnose(ctx, call, qualified, fate, where, func, forward)
                     if diagnostic is not None:
                         yield diagnostic
 
-    def _diagnose(self, ctx: RuleContext, call: cst.Call, qualified: str, move: cst.Call | None, where: str,
-                  func: cst.FunctionDef, forward: cst.FunctionDef) -> Diagnostic | None:
+    def _diagnose(self, ctx: RuleContext, call: cst.Call, qualified: str, fate: "str | tuple[cst.Call, bool]",
+                  where: str, func: cst.FunctionDef, forward: cst.FunctionDef) -> Diagnostic | None:
         line, column = position(ctx, call)
         shown = _squash(code(call))
         imports = facts(ctx).imports
-        if move is not None:
+        if isinstance(fate, tuple):
+            move, at_once = fate
             if qualified in NO_DEVICE_ARGUMENT:
                 return None
             device = device_text(move, imports)
+            better = _with_device(call, device, move)
+            if at_once:
+                what = "is created on the CPU and then copied to the device on every call"
+            else:
+                what = (f"is created on the CPU and copied to the device later (`{_squash(code(move), 50)}`, "
+                        f"line {position(ctx, move)[0]}), on every call")
+            return ctx.diagnostic(self, line, column,
+                                  f"`{shown}` in `{where}` {what}; create it on the device directly: {better}",
+                                  severity=Severity.INFO, fix=better)
+        device, note = _device_hint(func, forward)
+        if fate == "returned":
+            if qualified in NO_DEVICE_ARGUMENT:
+                return None
             better = _with_device(call, device)
             return ctx.diagnostic(
                 self, line, column,
-                f"`{shown}` in `{where}` is created on the CPU and then copied to the device on every call; "
-                f"create it on the device directly: {better}",
+                f"`{shown}` in `{where}` builds a CPU tensor that `{func.name.value}` returns; unless every caller "
+                f"moves it, pass device=: {better}{note}",
                 severity=Severity.INFO, fix=better)
-        device, note = _device_hint(func, forward)
+        if fate == "index":
+            better = _with_device(call, device)
+            return ctx.diagnostic(
+                self, line, column,
+                f"`{shown}` in `{where}` makes CPU indices for tensors that live on the device once the module "
+                f"is moved: PyTorch copies them over on every call; pass device=: {better}{note}",
+                severity=Severity.INFO, fix=better)
+        if fate == "unsure":
+            better = _with_device(call, device)
+            return ctx.diagnostic(
+                self, line, column,
+                f"`{shown}` in `{where}` creates a CPU tensor; if its data is a single number that is fine, "
+                f"otherwise pass device=: {better}{note}",
+                severity=Severity.INFO, fix=better)
         if qualified in LEGACY_TENSOR_TYPES:
             better = f"torch.tensor(..., device={device})"
             message = (f"legacy constructor `{shown}` in `{where}` always allocates on the CPU, also after "

@@ -39,7 +39,7 @@ model = FSDP(LlamaForCausalLM(LlamaConfig()))
             return
         b = model.breakdown
         state = b["parameters"] + b["buffers"] + b["gradients"] + b["optimizer_state"]
-        needed = state + b["context"] + b["workspace"]
+        needed = state + model.overhead_bytes
         if needed <= model.budget_bytes:
             return
         what = "parameters, gradients and optimizer state" if model.mode == "train" else "parameters and buffers"

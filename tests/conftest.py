@@ -1,0 +1,42 @@
+"""Shared helpers: run the real ``memlint`` command in a subprocess, write model files."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = Path(__file__).resolve().parent / "models"
+
+
+class Run:
+    def __init__(self, done: subprocess.CompletedProcess) -> None:
+        self.code = done.returncode
+        self.out = done.stdout
+        self.err = done.stderr
+
+    def json(self) -> dict[str, Any]:
+        return json.loads(self.out)
+
+
+def memlint(*args: str, cwd: Path | None = None, timeout: float = 300) -> Run:
+    """Run the installed command exactly as a user would (``python -m memlint``)."""
+    done = subprocess.run([sys.executable, "-m", "memlint", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+    return Run(done)
+
+
+@pytest.fixture
+def write(tmp_path: Path):
+    """Write a dedented file under tmp_path and return its path."""
+    def _write(name: str, text: str) -> Path:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
+        return path
+    return _write

@@ -1,0 +1,140 @@
+"""The estimator on real models built in the tests and from transformers configs (no downloads)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from memlint.allocator import round_size
+from memlint.estimator import Estimator, Workload, analyse
+from memlint.targets import resolve_target
+
+
+def workload(build, batch=8, *, inputs=None, shape=None, dtype="float32", optimizer="adam", precision="fp32",
+             mode="train", loss=None) -> Workload:
+    return Workload(name="model", path="model.py", line=1, build=build, example_inputs=inputs, loss_fn=loss,
+                    build_optimizer=None, batch_size=batch, input_shape=shape, input_dtype=dtype,
+                    optimizer=optimizer, precision=precision, mode=mode)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 10))
+
+
+PARAM_BYTES = (512 * 1024 + 1024 + 1024 * 10 + 10) * 4
+
+
+def test_model_state_matches_closed_form_with_adam():
+    report = analyse(workload(mlp, shape=(512,)), resolve_target("mem:1GiB"), 1.0, find_max_batch=False)
+    b = report.breakdown
+    assert b["parameters"] == sum(round_size(n * 4) for n in (512 * 1024, 1024, 1024 * 10, 10))
+    assert b["optimizer_state"] >= 2 * PARAM_BYTES  # exp_avg and exp_avg_sq (+ step counters)
+    assert report.peak_allocated_bytes >= 3 * PARAM_BYTES
+
+
+@pytest.mark.parametrize("optimizer, state_tensors", [("none", 0), ("sgd", 0), ("sgd-momentum", 1), ("adam", 2)])
+def test_optimizer_state_scales_with_the_optimizer(optimizer, state_tensors):
+    report = analyse(workload(mlp, shape=(512,), optimizer=optimizer), resolve_target("mem:1GiB"), 1.0,
+                     find_max_batch=False)
+    state = report.breakdown["optimizer_state"]
+    assert state_tensors * PARAM_BYTES <= state <= state_tensors * PARAM_BYTES + 64 * 1024
+
+
+def test_activations_grow_linearly_with_the_batch():
+    small = analyse(workload(mlp, batch=64, shape=(512,)), resolve_target("mem:1GiB"), 1.0, find_max_batch=False)
+    large = analyse(workload(mlp, batch=128, shape=(512,)), resolve_target("mem:1GiB"), 1.0, find_max_batch=False)
+    assert large.breakdown["activations"] == pytest.approx(2 * small.breakdown["activations"], rel=0.02)
+
+
+def test_max_batch_fits_and_the_next_does_not():
+    target = resolve_target("mem:256MiB")
+    estimator = Estimator(workload(mlp, shape=(512,)), target, 1.0)
+    best = analyse(workload(mlp, shape=(512,)), target, 1.0).max_batch_size
+    assert best is not None and best > 8
+    assert estimator.evaluate(best).fits and not estimator.evaluate(best + 1).fits
+
+
+def test_inference_mode_saves_nothing_for_backward():
+    report = analyse(workload(mlp, shape=(512,), mode="infer"), resolve_target("mem:1GiB"), 1.0,
+                     find_max_batch=False)
+    assert report.breakdown["activations"] == 0 and report.breakdown["gradients"] == 0
+
+
+class DataDependent(nn.Module):
+    """Stochastic depth and a data-dependent selection: both need values fake tensors lack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.rand(1).item() < 0.9:
+            x = self.body(x)
+        kept = x[torch.nonzero(x.sum(-1) > 0).squeeze(-1)]
+        return kept.relu()
+
+
+def test_data_dependent_ops_are_assumed_and_reported():
+    report = analyse(workload(DataDependent, shape=(64,)), resolve_target("mem:1GiB"), 1.0, find_max_batch=False)
+    assert report.peak_allocated_bytes > 0
+    assert any(".item()" in note for note in report.assumptions)
+    assert any("nonzero" in note for note in report.assumptions)
+    assert report.tracer == "make_fx"
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, checkpoint: bool = True) -> None:
+        super().__init__()
+        self.checkpoint = checkpoint
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 256))
+                                    for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if self.checkpoint else block(x)
+        return x
+
+
+def test_activation_checkpointing_is_modelled():
+    def run(checkpoint: bool):
+        return analyse(workload(lambda: Checkpointed(checkpoint), batch=2048, shape=(256,), optimizer="sgd"),
+                       resolve_target("mem:4GiB"), 1.0, find_max_batch=False)
+
+    plain, saved = run(False), run(True)
+    # Per block only the input is kept instead of both Linear inputs and the GELU input.
+    assert saved.layers[0].activation_bytes < plain.layers[0].activation_bytes / 2
+    assert saved.peak_allocated_bytes < 0.7 * plain.peak_allocated_bytes
+
+
+def test_gpt2_from_config_uses_gpu_attention_and_make_fx():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=128, n_head=4, n_positions=256, vocab_size=1000)
+    report = analyse(workload(lambda: transformers.GPT2LMHeadModel(config), batch=4,
+                              inputs=lambda b: torch.randint(0, 1000, (b, 256))),
+                     resolve_target("h100-80gb"), 0.8, find_max_batch=False)
+    assert report.tracer == "make_fx"
+    # The L x L attention matrix (4 x 4 heads x 256 x 256 x 4 B = 4 MiB per layer) is never saved:
+    # the GPU kernel keeps only the log-sum-exp.
+    attention_matrix = 4 * 4 * 256 * 256 * 4
+    assert report.breakdown["activations"] < 2 * 20 * attention_matrix
+
+
+def test_bf16_mixed_precision_keeps_fp32_weights_and_halves_activations():
+    fp32 = analyse(workload(mlp, batch=512, shape=(512,)), resolve_target("a100-80gb"), 0.8, find_max_batch=False)
+    mixed = analyse(workload(mlp, batch=512, shape=(512,), precision="bf16-mixed"), resolve_target("a100-80gb"),
+                    0.8, find_max_batch=False)
+    assert mixed.breakdown["parameters"] == fp32.breakdown["parameters"]
+    assert mixed.breakdown["activations"] < 0.75 * fp32.breakdown["activations"]
+
+
+def test_tied_weights_are_counted_once():
+    def tied() -> nn.Module:
+        embedding = nn.Embedding(1000, 64)
+        head = nn.Linear(64, 1000, bias=False)
+        head.weight = embedding.weight
+        return nn.Sequential(embedding, head)
+
+    report = analyse(workload(tied, inputs=lambda b: torch.randint(0, 1000, (b, 16))), resolve_target("mem:1GiB"),
+                     1.0, find_max_batch=False)
+    assert report.breakdown["parameters"] == round_size(1000 * 64 * 4)
+    assert report.breakdown["gradients"] <= round_size(1000 * 64 * 4)
