@@ -23,7 +23,7 @@ sys.path.insert(0, str(HERE))
 
 from workloads import IMAGE_MODELS, OPTIMIZERS, spec_for, torchvision_available  # noqa: E402
 
-from memlint.estimator import Workload, analyse  # noqa: E402
+from memlint.estimator import Workload, analyse, cublas_workspace_bytes  # noqa: E402
 from memlint.targets import resolve_target  # noqa: E402
 
 
@@ -67,8 +67,24 @@ def estimate(record: dict[str, Any], target: str = "h200") -> int:
     return analyse(workload, resolve_target(target), 1.0, find_max_batch=False).peak_allocated_bytes
 
 
+def maxbatch_records(calibration: Path) -> Iterator[dict[str, Any]]:
+    for file in (calibration / "h200_public.json", *sorted((HERE / "measurements").glob("*.json"))):
+        if file.exists():
+            yield from json.loads(file.read_text()).get("maxbatch", [])
+
+
+def estimate_max_batch(record: dict[str, Any]) -> int | None:
+    """memlint's largest batch under a bare capacity, as ``--target mem:4GiB --threshold 1.0``."""
+    spec = spec_for(record["model"])
+    workload = Workload(name=record["model"], path="<benchmark>", line=1, build=spec.build,
+                        example_inputs=spec.example_inputs, loss_fn=spec.loss_fn,
+                        build_optimizer=OPTIMIZERS[record["optimizer"]], batch_size=1, input_shape=None,
+                        input_dtype="float32", optimizer=None, precision="fp32", mode="train")
+    return analyse(workload, resolve_target(f"mem:{record['cap']}"), 1.0).max_batch_size
+
+
 def memtracker_peak(record: dict[str, Any]) -> int | None:
-    """PyTorch's MemTracker on fake tensors, the same three-step loop."""
+    """PyTorch's MemTracker on fake tensors, the same three-step loop (its peak over the steps)."""
     try:
         from torch._subclasses.fake_tensor import FakeTensorMode
         from torch.distributed._tools.mem_tracker import MemTracker
@@ -77,26 +93,30 @@ def memtracker_peak(record: dict[str, Any]) -> int | None:
     import torch
 
     spec = spec_for(record["model"], record.get("seq"), record.get("checkpointing", False))
-    with FakeTensorMode():
+    autocast = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(record["precision"])
+    peak = 0
+    with FakeTensorMode(allow_non_fake_inputs=True):
         model = spec.build()
         factory = OPTIMIZERS[record["optimizer"]]
         optimizer = factory(list(model.parameters())) if factory else None
         tracker = MemTracker()
         tracker.track_external(model, *([optimizer] if optimizer else []))
-        autocast = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(record["precision"])
-        with tracker:
-            for _ in range(3):
+        for _ in range(3):
+            with tracker:
                 inputs = spec.example_inputs(record["batch"])
-                with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+                with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
                     loss = spec.loss_fn(model(inputs), inputs)
                 loss.backward()
+                del loss
                 if optimizer:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 else:
                     model.zero_grad(set_to_none=True)
-        snapshot = tracker.get_tracker_snapshot("peak")
-    return int(max(device_stats["Total"] for device_stats in snapshot.values()))
+            snapshot = tracker.get_tracker_snapshot("peak")
+            peak = max(peak, int(max(stats["Total"] for stats in snapshot.values())))
+            tracker.reset_mod_stats()
+    return peak
 
 
 def torchinfo_total(record: dict[str, Any]) -> int | None:
@@ -125,11 +145,58 @@ def summary(name: str, errors: list[float]) -> str:
             f"worst |err| {max(absolute):6.1%}  worst under-estimate {min(min(errors), 0):6.1%}")
 
 
+def estimate_inference(record: dict[str, Any]) -> int:
+    """memlint --mode infer, as the protocol measures it: the peak above weights, inputs and the
+    cuBLAS workspace, which all exist before that forward starts."""
+    spec = spec_for(record["model"])
+    workload = Workload(name=record["model"], path="<benchmark>", line=1, build=spec.build,
+                        example_inputs=spec.example_inputs, loss_fn=spec.loss_fn, build_optimizer=None,
+                        batch_size=record["batch"], input_shape=None, input_dtype="float32", optimizer="none",
+                        precision=record["precision"], mode="infer")
+    report = analyse(workload, resolve_target("h200"), 1.0, find_max_batch=False)
+    b = report.breakdown
+    return report.peak_allocated_bytes - b["parameters"] - b["buffers"] - b["inputs"] - cublas_workspace_bytes(
+        resolve_target("h200"))
+
+
+def print_inference(args: argparse.Namespace, have_vision: bool) -> None:
+    print("\nInference (--mode infer) vs infer_peak_delta: peak of one no_grad forward above the weights")
+    print(f"{'model':<14}{'batch':>6}  {'precision':<11}{'measured MB':>12}{'memlint MB':>12}{'err':>8}")
+    errors, seen = [], set()
+    for record in records(args.calibration):
+        key = (record["model"], record["batch"], record["precision"])
+        if record.get("infer") is None or key in seen or (args.only and record["model"] != args.only) or (
+                record["model"] in IMAGE_MODELS and not have_vision):
+            continue
+        seen.add(key)
+        estimated = estimate_inference(record)
+        err = error(estimated, record["infer"])
+        errors.append(err)
+        print(f"{record['model']:<14}{record['batch']:>6}  {record['precision']:<11}{record['infer'] / 1e6:>12.1f}"
+              f"{estimated / 1e6:>12.1f}{err:>+8.1%}")
+    print(summary("inference", errors))
+
+
+def print_max_batch(args: argparse.Namespace, have_vision: bool) -> None:
+    print("\nLargest batch under a capacity (maxbatch): measured vs memlint --target mem:CAP --threshold 1.0")
+    errors = []
+    print(f"{'model':<14}{'cap':<7}{'measured':>9}{'memlint':>9}{'err':>8}")
+    for record in maxbatch_records(args.calibration):
+        if (args.only and record["model"] != args.only) or (record["model"] in IMAGE_MODELS and not have_vision):
+            continue
+        estimated = estimate_max_batch(record)
+        err = error(estimated, record["max_batch"])
+        errors.append(err)
+        print(f"{record['model']:<14}{record['cap']:<7}{record['max_batch']:>9}{estimated!s:>9}{err:>+8.1%}")
+    print(summary("max batch", errors))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration", type=Path, default=HERE.parent.parent / "shared" / "calibration")
     parser.add_argument("--only", help="only records of this model")
     parser.add_argument("--peers", action="store_true", help="also run MemTracker and torchinfo")
+    parser.add_argument("--no-maxbatch", action="store_true", help="skip the largest-batch records")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown for the README")
     args = parser.parse_args()
     have_vision = torchvision_available()
@@ -186,6 +253,9 @@ def main() -> int:
     for name, errors in results.items():
         if name == "memlint" or args.peers:
             print(summary(name, errors))
+    if not args.no_maxbatch:
+        print_max_batch(args, have_vision)
+        print_inference(args, have_vision)
     if skipped:
         print(f"skipped {skipped} torchvision records (install torch==2.14.1 torchvision==0.29.1 to run them)")
     return 0

@@ -39,7 +39,7 @@ def segment_size(nbytes: int) -> int:
     return -(-nbytes // ROUND_LARGE) * ROUND_LARGE
 
 
-@dataclass
+@dataclass(eq=False)  # identity: list.index/remove on a segment's blocks must not compare fields (hot path)
 class _Block:
     segment: int
     offset: int

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from memlint.errors import ModelError
 from memlint.loader import user_line
@@ -26,6 +26,32 @@ _SKIP_DIRS = (_TORCH_DIR, os.path.dirname(__file__))
 def new_fake_mode() -> FakeTensorMode:
     """Fake mode that also accepts real tensors the user made at import time (turned fake on use)."""
     return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+@contextlib.contextmanager
+def fake_parameter_conversions() -> Iterator[None]:
+    """Let ``model.to(dtype)`` / ``.half()`` convert fake parameters.
+
+    ``nn.Module._apply`` swaps a FakeTensor parameter with ``torch.utils.swap_tensors``, which
+    refuses tensors that have weak references, as fake tensors do (the fake mode's memo). On
+    that refusal, set the parameter's data instead: same object, new dtype, as eager does.
+    """
+    original = torch.utils.swap_tensors
+
+    def swap(first: torch.Tensor, second: torch.Tensor) -> None:
+        try:
+            original(first, second)
+        except RuntimeError:
+            if not isinstance(first, FakeTensor):
+                raise
+            with torch.no_grad():
+                first.data = second.detach()
+
+    torch.utils.swap_tensors = swap
+    try:
+        yield
+    finally:
+        torch.utils.swap_tensors = original
 
 
 @contextlib.contextmanager
@@ -50,12 +76,17 @@ def record_creation_sites(sites: dict[int, str]) -> Iterator[None]:
         torch.nn.Module.__init__ = original_init  # type: ignore[method-assign]
 
 
-def build_fake_model(build: Callable[[], Any], fake_mode: FakeTensorMode, name: str,
-                     path: str) -> tuple[torch.nn.Module, dict[str, str]]:
-    """Construct the model on fake tensors; returns it and module path -> creation site."""
+def build_fake_model(build: Callable[[], Any], fake_mode: FakeTensorMode, name: str, path: str,
+                     value_mode: Any = None) -> tuple[torch.nn.Module, dict[str, str]]:
+    """Construct the model on fake tensors; returns it and module path -> creation site.
+
+    ``value_mode`` answers ``.item()`` during construction (e.g. stochastic-depth rates read
+    from ``torch.linspace(...)``, common in vision transformers).
+    """
     sites: dict[int, str] = {}
     try:
-        with fake_mode, record_creation_sites(sites):
+        with fake_mode, value_mode or contextlib.nullcontext(), record_creation_sites(sites), \
+                fake_parameter_conversions():
             model = build()
     except MemoryError:
         raise ModelError(f"building {name} ran out of host memory even on fake tensors", path=path,

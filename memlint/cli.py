@@ -1,4 +1,4 @@
-"""The ``memlint`` command: ``check``, ``targets`` and ``rule``.
+"""The ``memlint`` command: ``check``, ``report``, ``targets`` and ``rule``.
 
 Exit codes as ruff: 0 no findings, 1 findings, 2 usage, configuration or internal error.
 Nothing here imports torch; model analysis runs in child processes (``memlint.worker``).
@@ -54,15 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--depth", type=int, help="module depth shown in the layer table (default 3)")
     check.add_argument("--timeout", type=float, help="seconds per analysed file (default 60)")
     check.add_argument("--memory-limit", help="memory limit of the analysis process (default 8GiB; 'none')")
-    check.add_argument("--strategy", choices=STRATEGIES, help=argparse.SUPPRESS)
-    check.add_argument("--devices", type=int, help=argparse.SUPPRESS)
+    check.add_argument("--strategy", choices=STRATEGIES,
+                       help="data parallelism to judge per device: ddp, fsdp, zero1, zero2, zero3 (default none)")
+    check.add_argument("--devices", type=int, help="number of devices of --strategy (default 1)")
+    check.add_argument("--checkpoint-layers", action="store_true", default=None,
+                       help="simulate with each top-level block under activation checkpointing")
+    check.add_argument("--epoch-size", type=int, help="samples per epoch, for the time per epoch")
     check.add_argument("--no-import", action="store_true", default=None,
                        help="never import or run the analysed files: static rules only")
-    check.add_argument("--output-format", choices=FORMATS, default="text")
+    check.add_argument("--output-format", choices=FORMATS, default="text",
+                       help="text, rich, json, sarif (GitHub code scanning), github (Actions annotations), junit")
     check.add_argument("-o", "--output-file", help="write the report to this file")
+    check.add_argument("--statistics", action="store_true", help="print the number of findings per rule instead")
+    check.add_argument("--diff", "--changed-since", dest="diff", metavar="BASE",
+                       help="check only the files changed since the git ref BASE (BASE...HEAD and uncommitted)")
     check.add_argument("--config", help="pyproject.toml to read [tool.memlint] from")
     check.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
 
+    from memlint.report_command import add_parser as add_report_parser
+
+    add_report_parser(commands)
     commands.add_parser("targets", help="list the devices memlint knows")
     rule = commands.add_parser("rule", help="explain a rule")
     rule.add_argument("code", nargs="?", help="a rule code, e.g. MEM001")
@@ -80,29 +91,37 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise UsageError(f"--threshold must be in (0, 1], not {args.threshold}")
     if args.batch_size is not None and args.batch_size <= 0:
         raise UsageError(f"--batch-size must be positive, not {args.batch_size}")
+    for flag, value in (("--devices", args.devices), ("--epoch-size", args.epoch_size)):
+        if value is not None and value <= 0:
+            raise UsageError(f"{flag} must be positive, not {value}")
+    if args.timeout is not None and not args.timeout > 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
     return settings.merged(
         targets=tuple(args.targets) if args.targets else None, batch_size=args.batch_size,
         input_shape=parse_shape(args.input_shape) if args.input_shape else None, input_dtype=args.input_dtype,
         optimizer=args.optimizer, precision=args.precision, mode=args.mode, threshold=args.threshold,
         model=args.model, select=args.select, ignore=args.ignore, depth=args.depth, timeout=args.timeout,
         memory_limit=args.memory_limit, strategy=args.strategy, devices=args.devices, no_import=args.no_import,
+        checkpoint_layers=args.checkpoint_layers, epoch_size=args.epoch_size,
     )
 
 
 def run_check_command(args: argparse.Namespace, out: TextIO) -> int:
     from memlint.engine import run_check
-    from memlint.reporters import get_reporter
+    from memlint.progress import AnalysisStatus
+    from memlint.reporters import MACHINE_FORMATS, get_reporter, get_statistics_reporter
 
     settings = settings_from_args(args)
     root = Path(settings.config_path).parent if settings.config_path else Path.cwd()
-    result = run_check(args.paths, settings, root, debug=args.debug)
-    reporter = get_reporter(args.output_format)
+    reporter = get_statistics_reporter(args.output_format) if args.statistics else get_reporter(args.output_format)
+    with AnalysisStatus(enabled=args.output_format not in MACHINE_FORMATS) as status:
+        result = run_check(args.paths, settings, root, debug=args.debug, changed_since=args.diff, progress=status)
     if args.output_file:
         with open(args.output_file, "w", encoding="utf-8") as handle:
             reporter(result, handle, False)
     else:
         reporter(result, out, out.isatty())
-    if result.errors and args.output_format != "text":
+    if result.errors and (args.output_format not in ("text", "rich") or args.output_file or args.statistics):
         for error in result.errors:
             print(error.render(), file=sys.stderr)
     if result.errors:
@@ -151,13 +170,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_check_command(args, sys.stdout)
         if args.command == "targets":
             return run_targets_command(sys.stdout)
+        if args.command == "report":
+            from memlint.report_command import run_report_command
+
+            return run_report_command(args, sys.stdout)
         return run_rule_command(args, sys.stdout)
     except MemlintError as exc:
         if debug:
             traceback.print_exc()
         print(exc.render(), file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # the analysis children were stopped with their process groups (engine)
+        print("memlint: interrupted", file=sys.stderr)
         return EXIT_ERROR
     except Exception as exc:  # internal error: one paragraph unless --debug
         if debug:

@@ -5,17 +5,19 @@ This is the stage between the simulation (which records what is allocated) and t
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from memlint.allocator import CachingAllocatorModel, OutOfMemory, replay_allocator, round_size
-from memlint.build import build_fake_model, new_fake_mode
+from memlint.build import build_fake_model, fake_parameter_conversions, new_fake_mode
 from memlint.errors import ModelError
 from memlint.gpu_kernels import GpuKernelMode
 from memlint.ledger import Ledger, interpolate
 from memlint.report import LayerReport, ModelReport
+from memlint.scale import ScalePlan
 from memlint.simulate import Assumptions, SimulationResult, StepPlan, ValueAssumingMode, simulate_step
 from memlint.step import AUTOCAST, CAST, input_factory, loss_factory, optimizer_factory
 from memlint.targets import Target
@@ -55,6 +57,11 @@ class Workload:
     optimizer: str | None
     precision: str
     mode: str
+    # Compute and scale (memlint/scale.py): per-device strategy, block checkpointing, epoch size.
+    strategy: str = "none"
+    devices: int = 1
+    checkpoint_layers: bool = False
+    epoch_size: int | None = None
 
 
 @dataclass
@@ -78,20 +85,23 @@ class Estimator:
         self.target = target
         self.threshold = threshold
         self.fake_mode = new_fake_mode()
-        self.model, self.sites = build_fake_model(workload.build, self.fake_mode, workload.name, workload.path)
+        self.build_assumptions = Assumptions()
+        self.model, self.sites = build_fake_model(workload.build, self.fake_mode, workload.name, workload.path,
+                                                  ValueAssumingMode(self.build_assumptions, "while building"))
         if workload.precision in CAST:
-            with self.fake_mode:
+            with self.fake_mode, fake_parameter_conversions():
                 self.model.to(CAST[workload.precision])
         self.optimizer_factory = optimizer_factory(workload.optimizer, workload.build_optimizer)
         self.loss = loss_factory(workload.loss_fn, workload.path)
         self.workspace = cublas_workspace_bytes(target)
         self.evaluations: dict[int, Evaluation] = {}
         self.simulated: dict[int, Ledger] = {}
+        self.scale = ScalePlan(self.model, workload, target, self.plan)
 
     def plan(self, batch_size: int) -> StepPlan:
         w = self.workload
         return StepPlan(mode=w.mode, make_inputs=input_factory(batch_size, w.example_inputs, w.input_shape,
-                                                             w.input_dtype, w.path),
+                                                             w.input_dtype, w.path, CAST.get(w.precision)),
                         loss_fn=self.loss, optimizer_factory=self.optimizer_factory,
                         autocast_dtype=AUTOCAST.get(w.precision))
 
@@ -100,9 +110,13 @@ class Estimator:
         return _translate_errors(lambda: trace_model(self.model, self.plan(self.workload.batch_size).make_inputs,
                                                      self.fake_mode, self.sites, scalars), self.workload)
 
-    def simulate(self, batch_size: int) -> SimulationResult:
+    def simulate(self, batch_size: int, extra_modes: tuple[Any, ...] = ()) -> SimulationResult:
+        # Through the ScalePlan: block checkpointing, strategy markers, one device's ledger.
+        return self.scale.simulate(lambda modes: self._simulate(batch_size, modes), extra_modes)
+
+    def _simulate(self, batch_size: int, extra_modes: tuple[Any, ...]) -> SimulationResult:
         return _translate_errors(lambda: simulate_step(self.model, self.plan(batch_size), self.fake_mode,
-                                                       (GpuKernelMode(),)), self.workload)
+                                                       (GpuKernelMode(), *extra_modes)), self.workload, self.model)
 
     def allocator_cap(self) -> int:
         """Bytes the caching allocator may reserve: the budget less what lives outside it."""
@@ -127,8 +141,7 @@ class Estimator:
 
     def _ledger_for(self, batch_size: int) -> Ledger:
         """Interpolate between two simulated batch sizes when they ran the same ops; else simulate."""
-        if len(self.simulated) >= 2:
-            (b1, first), (b2, second) = sorted(self.simulated.items())[:2]
+        for (b1, first), (b2, second) in itertools.combinations(sorted(self.simulated.items()), 2):
             ledger = interpolate(first, b1, second, b2, batch_size)
             if ledger is not None:
                 return ledger
@@ -146,6 +159,8 @@ class Estimator:
         procedure matters; this is the one of the calibration protocol. The answer is then
         checked by a full simulation, not only by interpolation.
         """
+        if 1 in self.simulated and not self.evaluate(1).fits:
+            return None  # nothing fits: no second simulation needed (a third of a 70B model's analysis)
         if len(self.simulated) < 2:
             self.simulated_ledger(2 * max(self.simulated, default=1))
         if not self.evaluate(1).fits:
@@ -183,19 +198,77 @@ def smallest_sufficient_cap(ledger: Ledger, workspace: int, resolution: int = 2 
     return best
 
 
-def _translate_errors(run: Callable[[], Any], workload: Workload) -> Any:
-    """Shape mismatches and other errors in the user's forward become one readable ModelError."""
+_SHAPE_WORDS = ("shape", "size", "dim", "mat1", "mat2", "expected", "must match", "channels", "broadcast")
+
+
+def _translate_errors(run: Callable[[], Any], workload: Workload, model: torch.nn.Module | None = None) -> Any:
+    """Shape mismatches and other errors in the user's forward become one readable ModelError.
+
+    The message names the layer that failed (the innermost module whose forward was running),
+    what it received, and the line of the user's file the failure came from.
+    """
+    running: list[tuple[torch.nn.Module, list[str]]] = []
+
+    def enter(module: torch.nn.Module, args: Any) -> None:
+        running.append((module, [_shape_text(a) for a in (args if isinstance(args, tuple) else (args,))
+                                 if isinstance(a, torch.Tensor)]))
+
+    def leave(module: torch.nn.Module, _args: Any, _output: Any) -> None:
+        if running and running[-1][0] is module:
+            running.pop()
+
+    hooks = (torch.nn.modules.module.register_module_forward_pre_hook(enter),
+             torch.nn.modules.module.register_module_forward_hook(leave)) if model is not None else ()
     try:
         return run()
     except ModelError:
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        shape_hint = ("check --input-shape (per sample, without the batch dimension) or example_inputs()"
-                      if isinstance(exc, (RuntimeError, ValueError, IndexError)) else
-                      "rerun with --debug for the full traceback")
-        raise ModelError(f"running {workload.name} on fake tensors failed: {type(exc).__name__}: {first}",
-                         path=workload.path, line=workload.line, hint=shape_hint) from exc
+        names = {module: name for name, module in model.named_modules()} if model is not None else {}
+        failing = next(((names[m], m, shapes) for m, shapes in reversed(running) if m in names and names[m]), None)
+        where = (f" in {failing[0]} ({type(failing[1]).__name__}"
+                 f"{', which received ' + ' and '.join(failing[2]) if failing[2] else ''})") if failing else ""
+        line = _user_line(exc, workload.path) or workload.line
+        inplace = "modified by an inplace operation" in first
+        if not inplace and isinstance(exc, (RuntimeError, ValueError, IndexError, TypeError)) and \
+                any(word in first.lower() for word in _SHAPE_WORDS):
+            fed = (f"memlint fed inputs of shape ({workload.batch_size}, "
+                   f"{', '.join(map(str, workload.input_shape))}) (batch size {workload.batch_size}, then "
+                   "--input-shape / input-shape, which is per sample, without the batch dimension)"
+                   if workload.example_inputs is None and workload.input_shape else
+                   f"memlint fed example_inputs({workload.batch_size}) from the file")
+            raise ModelError(f"the input does not fit {workload.name}{where}: {type(exc).__name__}: {first}",
+                             path=workload.path, line=line,
+                             hint=f"{fed}; give the shape the model expects, or define "
+                                  "example_inputs(batch_size) in the file") from exc
+        hint = "rerun with --debug for the full traceback"
+        if inplace:
+            hint = ("an in-place operation (e.g. nn.ReLU(inplace=True), x += y, x.relu_()) overwrote a tensor that "
+                    "backward needs: training fails the same way on a GPU; make that operation out of place")
+        raise ModelError(f"running {workload.name} on fake tensors failed{where}: {type(exc).__name__}: {first}",
+                         path=workload.path, line=line, hint=hint) from exc
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _shape_text(tensor: torch.Tensor) -> str:
+    return f"({', '.join(str(int(d)) for d in tensor.shape)})"
+
+
+def _user_line(exc: BaseException, path: str) -> int | None:
+    """The innermost traceback line in the user's file (``path`` as displayed, maybe relative)."""
+    import os
+    import traceback
+
+    wanted = os.path.normpath(path)
+    line = None
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        filename = os.path.normpath(frame.f_code.co_filename)
+        if filename == os.path.abspath(wanted) or filename.endswith(os.sep + wanted.lstrip(os.sep)):
+            line = lineno
+    return line
 
 
 def analyse(workload: Workload, target: Target, threshold: float, depth: int = 3, *,
@@ -203,7 +276,8 @@ def analyse(workload: Workload, target: Target, threshold: float, depth: int = 3
     """The whole pipeline for one model: build, trace, simulate, attribute, search the batch."""
     estimator = Estimator(workload, target, threshold)
     trace = estimator.trace()
-    result = estimator.simulate(workload.batch_size)
+    counter = estimator.scale.step_counter()  # FLOPs, bytes and time of the step (memlint/compute.py)
+    result = estimator.simulate(workload.batch_size, (counter,))
     ledger = estimator.simulated[workload.batch_size] = result.ledger
     peaks = ledger.peak_per_iteration(round_size)
     worst_iteration = max(range(len(peaks)), key=peaks.__getitem__)
@@ -216,7 +290,7 @@ def analyse(workload: Workload, target: Target, threshold: float, depth: int = 3
     breakdown["workspace"] = target.workspace_bytes + estimator.workspace + evaluation.reserved - \
         evaluation.allocator.peak_allocated
     breakdown["context"] = target.context_bytes
-    return ModelReport(
+    report = ModelReport(
         path=workload.path, name=workload.name, target=target.name, capacity_bytes=target.memory_bytes,
         threshold=threshold, batch_size=workload.batch_size, mode=workload.mode,
         optimizer=(workload.optimizer or ("build_optimizer" if workload.build_optimizer else "adam"))
@@ -228,9 +302,21 @@ def analyse(workload: Workload, target: Target, threshold: float, depth: int = 3
         layers=_layers(estimator.model, trace, result, estimator.sites, depth, f"{workload.path}:{workload.line}"),
         line=workload.line, budget_bytes=target.budget_bytes(threshold), peak_phase=peak.phase,
         overhead_bytes=target.context_bytes + target.workspace_bytes + estimator.workspace,
-        assumptions=[*trace.notes, *result.assumptions], graph=trace.nodes,
+        assumptions=[*estimator.build_assumptions.render(), *trace.notes, *result.assumptions], graph=trace.nodes,
         timeline=ledger.timeline(round_size, ledger.iteration_marks[worst_iteration]),
+        parameter_dtypes=_parameter_dtypes(estimator.model),
     )
+    estimator.scale.annotate(report, counter, result)
+    return report
+
+
+def _parameter_dtypes(model: torch.nn.Module) -> dict[str, int]:
+    """Parameter bytes per dtype (``{"float32": 4000}``), each parameter counted once."""
+    found: dict[str, int] = {}
+    for parameter in model.parameters():
+        name = str(parameter.dtype).removeprefix("torch.")
+        found[name] = found.get(name, 0) + parameter.numel() * parameter.element_size()
+    return found
 
 
 def _layers(model: torch.nn.Module, trace: TraceResult, result: SimulationResult, sites: dict[str, str],

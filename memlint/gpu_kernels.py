@@ -31,7 +31,7 @@ class _EfficientAttention(torch.autograd.Function):
     def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
         *batch, length, _ = query.shape
-        out = query.new_empty((*batch, length, value.shape[-1]))
+        out = _kernel_output(query, value)
         lse = query.new_empty((*batch, math.ceil(length / LSE_PAD) * LSE_PAD), dtype=torch.float32)
         ctx.save_for_backward(query, key, value, out, lse, *(() if mask is None else (mask,)))
         ctx.has_mask = mask is not None
@@ -45,6 +45,17 @@ class _EfficientAttention(torch.autograd.Function):
         del delta
         mask_grad = torch.empty_like(mask[0]) if mask and mask[0].requires_grad else None
         return (*grads, mask_grad)
+
+
+def _kernel_output(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The attention output as the CUDA kernels lay it out: ``(B, L, H, D)`` in memory, returned as
+    the ``(B, H, L, D)`` view (``res.transpose(1, 2)`` in ``_scaled_dot_product_efficient_attention_cuda``
+    and the flash path). So ``out.transpose(1, 2).contiguous()``, as models write it, copies nothing.
+    """
+    if query.dim() == 4:
+        batch, heads, length, _ = query.shape
+        return query.new_empty((batch, length, heads, value.shape[-1])).transpose(1, 2)
+    return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
 def _expand_heads(query: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
@@ -61,7 +72,7 @@ def _gpu_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
         key, value = _expand_heads(query, key), _expand_heads(query, value)
     mask = attn_mask if attn_mask is not None and attn_mask.dtype != torch.bool else None
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (query, key, value)):
-        return query.new_empty((*query.shape[:-1], value.shape[-1]))
+        return _kernel_output(query, value)
     return _EfficientAttention.apply(query, key, value, mask)
 
 

@@ -53,7 +53,16 @@ def import_user_file(path: Path) -> ModuleType:
                          line=user_line(exc, path),
                          hint=f"install it in the environment memlint runs in (pip install {exc.name}), "
                               "or lint without importing: --no-import") from None
-    except BaseException as exc:  # the user's code can raise anything, SystemExit included
+    except SystemExit as exc:
+        raise ModelError(f"importing it called sys.exit({'' if exc.code is None else repr(exc.code)})",
+                         path=str(path), line=user_line(exc, path),
+                         hint="memlint imports the file to build the model; guard scripts with "
+                              "`if __name__ == \"__main__\":`, or use --no-import") from None
+    except BaseException as exc:  # the user's code can raise anything
+        from memlint.worker import _is_allocation_failure, _out_of_memory
+
+        if _is_allocation_failure(exc):
+            raise _out_of_memory(str(path), "at import", user_line(exc, path)) from None
         raise ModelError(f"importing it raised {type(exc).__name__}: {exc}", path=str(path),
                          line=user_line(exc, path),
                          hint="memlint imports the file to build the model; guard scripts with "
@@ -98,9 +107,15 @@ def find_models(module: ModuleType, path: Path, wanted: str | None) -> list[Mode
     classes = [obj for obj in vars(module).values()
                if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == module.__name__]
     if not classes:
-        raise ModelError("no model found", path=str(path),
+        try:
+            empty = not path.read_text(encoding="utf-8-sig").strip()
+        except (OSError, UnicodeDecodeError):
+            empty = False
+        raise ModelError("no model found" + (": the file is empty" if empty else
+                                             " (no nn.Module subclass defined in the file, no build_model())"),
+                         path=str(path),
                          hint="define an nn.Module subclass, or a zero-argument build_model(), "
-                              "or pass --model NAME")
+                              "or pass --model NAME; or take the file out of `models` in [tool.memlint]")
     usable = [cls for cls in classes if _constructs_without_args(cls)]
     # A model class built from the others: analyse only the outermost ones.
     contained = {c for c in usable for other in usable if other is not c and _mentions(other, c)}
@@ -116,6 +131,9 @@ def find_models(module: ModuleType, path: Path, wanted: str | None) -> list[Mode
 
 def _built_name(build_model: Callable[[], Any]) -> str:
     annotation = inspect.signature(build_model).return_annotation
+    if annotation is inspect.Signature.empty or isinstance(annotation, str):  # none, or postponed ("Net")
+        return annotation.strip("'\"") if isinstance(annotation, str) and annotation.isidentifier() else \
+            "build_model()"
     return getattr(annotation, "__name__", None) or "build_model()"
 
 

@@ -27,6 +27,7 @@ class LayerReport:
     depth: int = 0
     flops_forward: int = 0
     flops_backward: int = 0
+    bytes_moved: int = 0  # bytes its ops read and wrote in one step (memlint/compute.py)
 
 
 @dataclass
@@ -79,6 +80,21 @@ class ModelReport:
     timeline: list[TimelinePoint] = field(default_factory=list)
     batch_size_source: str | None = None
     overhead_bytes: int = 0  # CUDA context + library workspaces: what a card loses at any batch size
+    # Compute and scale (memlint/compute.py, memlint/distributed.py): FLOPs and bytes of one step, its
+    # roofline lower-bound time on the target, the strategy the peak is per device of, and what
+    # checkpointing each top-level block would save.
+    flops_per_step: int | None = None
+    bytes_per_step: int | None = None
+    step_time_s: float | None = None
+    epoch_time_s: float | None = None
+    compute_notes: list[str] = field(default_factory=list)
+    strategy: str = "none"
+    devices: int = 1
+    checkpoint_layers: bool = False
+    checkpoint_blocks: list[dict[str, Any]] = field(default_factory=list)
+    # Parameter bytes per dtype as the model was built ({"float32": ...}; after a --precision bf16/fp16
+    # cast): the precision rules read it.
+    parameter_dtypes: dict[str, int] = field(default_factory=dict)
 
     def to_json(self, *, full: bool = False) -> dict[str, Any]:
         """The stable contract; ``full`` adds the graph and timeline used by rules and reports."""

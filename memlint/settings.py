@@ -1,6 +1,7 @@
 """Settings: ``[tool.memlint]`` from the nearest pyproject.toml, overridden by the command line."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -38,6 +39,7 @@ class Settings:
     strategy: str = "none"
     devices: int = 1
     epoch_size: int | None = None
+    checkpoint_layers: bool = False
     no_import: bool = False
     user_targets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     config_path: str | None = None
@@ -81,10 +83,35 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "input-dtype": (str,), "optimizer": (str,), "precision": (str,), "mode": (str,),
     "threshold": (float, int), "select": (list,), "ignore": (list,), "per-file-ignores": (dict,),
     "models": (list,), "timeout": (float, int), "memory-limit": (str,), "depth": (int,),
-    "strategy": (str,), "devices": (int,), "epoch-size": (int,),
+    "strategy": (str,), "devices": (int,), "epoch-size": (int,), "checkpoint-layers": (bool,),
 }
 _CHOICES = {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "mode": MODES, "input-dtype": INPUT_DTYPES,
             "strategy": STRATEGIES}
+
+
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list", dict: "a table",
+               bool: "a boolean"}
+_EXAMPLES = {"target": '"gtx1050ti"', "targets": '["gtx1050ti", "a100-80gb"]', "batch-size": "128",
+             "input-shape": "[3, 224, 224]", "input-dtype": '"float32"', "optimizer": '"adam"', "precision": '"fp32"',
+             "mode": '"train"', "threshold": "0.8", "select": '["ALL"]', "ignore": '["DEV004"]',
+             "per-file-ignores": '{ "tests/*" = ["DEV"] }', "models": '["models/*.py"]', "timeout": "120",
+             "memory-limit": '"8GiB"', "depth": "3", "devices": "8", "epoch-size": "50000",
+             "checkpoint-layers": "true"}
+
+
+def _key_line(text: str, key: str) -> int | None:
+    """The line of ``key = ...`` in the file's [tool.memlint] table (for messages); None when not found."""
+    inside = False
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if line.startswith("["):
+            inside = line.replace(" ", "").startswith("[tool.memlint")
+            if key == "memlint" and inside:
+                return number
+            continue
+        if inside and re.match(rf'["\']?{re.escape(key)}["\']?\s*=', line):
+            return number
+    return None
 
 
 def load_settings(pyproject: Path | None) -> Settings:
@@ -96,21 +123,28 @@ def load_settings(pyproject: Path | None) -> Settings:
         text = pyproject.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {origin}: {exc}", path=origin) from None
-    table = load_toml_text(text, origin).get("tool", {}).get("memlint", {})
+    tool = load_toml_text(text, origin).get("tool", {})
+    table = tool.get("memlint", {}) if isinstance(tool, dict) else {}
     if not isinstance(table, dict):
-        raise ConfigError("[tool.memlint] must be a table", path=origin)
+        raise ConfigError("[tool.memlint] must be a table", path=origin, line=_key_line(text, "memlint"))
     user_targets = table.pop("targets", None) if isinstance(table.get("targets"), dict) else None
     values: dict[str, Any] = {}
     for key, value in table.items():
+        line = _key_line(text, key)
         if key not in _TYPES:
-            raise ConfigError(f"unknown key {key!r} in [tool.memlint]", path=origin,
+            raise ConfigError(f"unknown key {key!r} in [tool.memlint]", path=origin, line=line,
                               hint=f"known keys: {', '.join(sorted(_TYPES))}")
-        if isinstance(value, bool) or not isinstance(value, _TYPES[key]):
-            wanted = " or ".join(t.__name__ for t in _TYPES[key])
-            raise ConfigError(f"[tool.memlint] {key} must be a {wanted}, not {type(value).__name__} ({value!r})",
-                              path=origin)
+        if (isinstance(value, bool) and bool not in _TYPES[key]) or not isinstance(value, _TYPES[key]):
+            wanted = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in _TYPES[key])
+            raise ConfigError(f"[tool.memlint] {key} must be {wanted}, not {_TYPE_NAMES.get(type(value), type(value).__name__)} "
+                              f"({value!r})", path=origin, line=line,
+                              hint=f"for example: {key} = {_EXAMPLES.get(key, '...')}")
         if key in _CHOICES and value not in _CHOICES[key]:
-            raise ConfigError(f"[tool.memlint] {key} = {value!r} is not one of {', '.join(_CHOICES[key])}", path=origin)
+            raise ConfigError(f"[tool.memlint] {key} = {value!r} is not one of {', '.join(_CHOICES[key])}", path=origin,
+                              line=line)
+        if key in ("timeout", "batch-size", "devices", "epoch-size") and value <= 0:
+            raise ConfigError(f"[tool.memlint] {key} must be positive, not {value}", path=origin, line=line,
+                              hint=f"for example: {key} = {_EXAMPLES.get(key, '1')}")
         values[key] = value
     return Settings(**_settings_kwargs(values, origin), user_targets=user_targets or {}, config_path=origin)
 

@@ -91,6 +91,28 @@ class StorageTracker:
                 info.module = module
 
 
+_MASK_INDEX: dict[Any, int | None] = {}
+
+
+def _drop_masked_outputs(func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
+    """Outputs an ``output_mask`` turns off are not computed (undefined) by the CPU and CUDA kernels.
+
+    Some meta kernels allocate them anyway (``native_batch_norm_backward`` computes a gradient
+    for an input that needs none, e.g. a normalisation on the batch itself); left alone, that
+    would count memory the real step never allocates.
+    """
+    if func not in _MASK_INDEX:
+        names = [argument.name for argument in getattr(getattr(func, "_schema", None), "arguments", ())]
+        _MASK_INDEX[func] = names.index("output_mask") if "output_mask" in names else None
+    index = _MASK_INDEX[func]
+    if index is None or not isinstance(out, tuple):
+        return out
+    mask = kwargs.get("output_mask", args[index] if index < len(args) else None)
+    if not isinstance(mask, (list, tuple)):
+        return out
+    return tuple(None if i < len(mask) and not mask[i] else value for i, value in enumerate(out))
+
+
 class ValueAssumingMode(TorchDispatchMode):
     """Answers questions about values that fake tensors do not have, and records the assumption.
 
@@ -98,19 +120,24 @@ class ValueAssumingMode(TorchDispatchMode):
     element. Without this, stochastic depth or a data-dependent mask would stop the analysis.
     """
 
-    def __init__(self, assumptions: Assumptions) -> None:
+    def __init__(self, assumptions: Assumptions, where: str = "") -> None:
         super().__init__()
         self.assumptions = assumptions
+        self.where = where
+
+    def note(self, text: str) -> None:
+        self.assumptions.add(f"{self.where}: {text}" if self.where else text)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if func is aten._local_scalar_dense.default:
             return self._assumed_scalar(args[0])
         if func in _DYNAMIC_SHAPE_OPS:
-            self.assumptions.add(f"{func.__name__}: assumed every element selected (an upper bound)")
+            self.note(f"{func.__name__}: assumed every element selected (an upper bound)")
             out = _DYNAMIC_SHAPE_OPS[func](*args, **kwargs)
         else:
             out = func(*args, **kwargs)
+        out = _drop_masked_outputs(func, args, kwargs, out)
         self.record(func, out)
         return out
 
@@ -124,7 +151,7 @@ class ValueAssumingMode(TorchDispatchMode):
             value = 0.5
         else:
             value = 1
-        self.assumptions.add(f".item() on a {str(tensor.dtype).removeprefix('torch.')} tensor: assumed {value}")
+        self.note(f".item() on a {str(tensor.dtype).removeprefix('torch.')} tensor: assumed {value}")
         return value
 
 
@@ -134,6 +161,11 @@ class AllocationRecorder(ValueAssumingMode):
     def __init__(self, tracker: StorageTracker, assumptions: Assumptions) -> None:
         super().__init__(assumptions)
         self.tracker = tracker
+
+    def note(self, text: str) -> None:
+        # The optimizer reads its step counters with .item(); that value does not shape memory.
+        if self.tracker.phase != "optimizer":
+            super().note(text)
 
     def record(self, func: Any, out: Any) -> None:
         self.tracker.ledger.mark_op(func.__name__, self.tracker.phase)
@@ -191,12 +223,15 @@ def simulate_step(model: torch.nn.Module, plan: StepPlan, fake_mode: Any,
     """Run ``plan.iterations`` steps on fake tensors under an AllocationRecorder."""
     ledger = Ledger()
     tracker = StorageTracker(ledger)
+    for mode in extra_modes:  # extra modes that mark moments of the step (memlint/distributed.py) see the ledger
+        if hasattr(mode, "attach"):
+            mode.attach(tracker)
     assumptions = Assumptions()
     owner = _register_model_state(tracker, model)
     activation_by_module: dict[str, int] = {}
     counted: set[int] = set()
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
+    def pack(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
         sid = tracker.track(tensor)
         if sid is not None and ledger.storages[sid].role == "temporaries":
             ledger.storages[sid].role = "activations"
@@ -204,7 +239,9 @@ def simulate_step(model: torch.nn.Module, plan: StepPlan, fake_mode: Any,
                 counted.add(sid)
                 module = ledger.storages[sid].module or "(model)"
                 activation_by_module[module] = activation_by_module.get(module, 0) + ledger.storages[sid].nbytes
-        return tensor
+        # With saved-tensor hooks autograd no longer checks version counters itself; a training step
+        # whose backward would fail (an in-place op overwrote a saved tensor) must fail here too.
+        return tensor, tensor._version
 
     params = [p for p in model.parameters() if p.requires_grad]
     grad_hooks = [p.register_post_accumulate_grad_hook(
@@ -233,15 +270,13 @@ def _one_iteration(model: torch.nn.Module, plan: StepPlan, tracker: StorageTrack
                    optimizer: torch.optim.Optimizer | None, pack: Callable) -> Any:
     tracker.phase = "inputs"
     args, kwargs = plan.make_inputs()
-    for value in tree_flatten((args, kwargs))[0]:
-        if isinstance(value, torch.Tensor):
-            tracker.retag(value, "inputs")
+    _tag_inputs(tracker, args, kwargs)  # in a function: a loop variable here would keep the last input alive
     if plan.mode != "train":
         tracker.phase = "forward"
         with torch.no_grad(), _autocast(plan):
             return model(*args, **kwargs)
     tracker.phase = "forward"
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(plan):
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack), _autocast(plan):
         output = model(*args, **kwargs)
         tracker.phase = "loss"
         loss = plan.loss_fn(output, args, kwargs)
@@ -262,6 +297,22 @@ def _one_iteration(model: torch.nn.Module, plan: StepPlan, tracker: StorageTrack
         model.zero_grad(set_to_none=True)
     tracker.phase = "idle"
     return None
+
+
+def _unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
+    tensor, version = packed
+    if tensor._version != version:
+        raise RuntimeError(
+            f"one of the variables needed for gradient computation has been modified by an inplace operation: "
+            f"a {str(tensor.dtype).removeprefix('torch.')} tensor of shape {tuple(tensor.shape)} is at version "
+            f"{tensor._version}; expected version {version} instead")
+    return tensor
+
+
+def _tag_inputs(tracker: StorageTracker, args: tuple, kwargs: dict) -> None:
+    for value in tree_flatten((args, kwargs))[0]:
+        if isinstance(value, torch.Tensor):
+            tracker.retag(value, "inputs")
 
 
 def _autocast(plan: StepPlan) -> contextlib.AbstractContextManager:

@@ -22,9 +22,28 @@ CAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def input_factory(batch_size: int, example_inputs: Callable[[int], Any] | None,
-                  input_shape: tuple[int, ...] | None, input_dtype: str,
-                  path: str) -> Callable[[], tuple[tuple, dict]]:
-    """A function that makes one batch of inputs (called inside the fake mode)."""
+                  input_shape: tuple[int, ...] | None, input_dtype: str, path: str,
+                  cast_to: torch.dtype | None = None) -> Callable[[], tuple[tuple, dict]]:
+    """A function that makes one batch of inputs (called inside the fake mode).
+
+    ``cast_to``: for a model cast to half precision, floating inputs are cast too, as the
+    training loop of such a model must do.
+    """
+    make = _input_factory(batch_size, example_inputs, input_shape, input_dtype, path)
+    if cast_to is None:
+        return make
+
+    def cast(value: Any) -> Any:
+        return value.to(cast_to) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+    def make_cast() -> tuple[tuple, dict]:
+        args, kwargs = make()
+        return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
+    return make_cast
+
+
+def _input_factory(batch_size: int, example_inputs: Callable[[int], Any] | None,
+                   input_shape: tuple[int, ...] | None, input_dtype: str, path: str) -> Callable[[], tuple[tuple, dict]]:
     if example_inputs is not None:
         def from_user() -> tuple[tuple, dict]:
             value = example_inputs(batch_size)

@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 from memlint.report import GraphNode
 
 CONV_OPS = {torch.ops.aten.convolution.default}
+FUNCTIONAL_CONVS = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d}
 FACTORY_OPS = {"empty", "zeros", "ones", "full", "arange", "linspace", "rand", "randn", "randint", "eye", "tensor",
                "scalar_tensor", "empty_strided"}
 
@@ -163,8 +164,36 @@ def _padding(padding: Any) -> Any:
     return padding if isinstance(padding, str) else list(padding)
 
 
+def _functional_conv_attributes(node: torch.fx.Node) -> dict[str, Any]:
+    """``F.conv1d/2d/3d(input, weight, bias, stride, padding, dilation, groups)`` called directly in a
+    symbolically traced forward (an aten ``convolution`` under make_fx is handled below)."""
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    values = {**dict(zip(names, node.args)), **node.kwargs}
+    weight = values.get("weight")
+    value = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
+    if not isinstance(value, torch.Tensor):
+        return {}
+    spatial = value.dim() - 2
+
+    def expand(item: Any, default: int) -> list[int]:
+        item = default if item is None else item
+        return [int(item)] * spatial if isinstance(item, int) else [int(v) for v in item]
+
+    padding = values.get("padding", 0)
+    return {"kind": "conv", "input_shape": _input_shape(node), "weight_shape": [int(d) for d in value.shape],
+            "stride": expand(values.get("stride"), 1),
+            "padding": padding if isinstance(padding, str) else expand(padding, 0),
+            "dilation": expand(values.get("dilation"), 1), "groups": int(values.get("groups", 1) or 1),
+            "transposed": False, "dtype": str(value.dtype).removeprefix("torch.")}
+
+
 def _function_attributes(node: torch.fx.Node) -> dict[str, Any]:
     target = node.target
+    if target in FUNCTIONAL_CONVS:
+        try:
+            return _functional_conv_attributes(node)
+        except (TypeError, ValueError):  # symbolic sizes or odd arguments: no attributes, as before
+            return {}
     if target in CONV_OPS:
         _, weight, _, stride, padding, dilation, transposed, _, groups = node.args
         return {"kind": "conv", "input_shape": _input_shape(node),

@@ -1,20 +1,27 @@
 """Analyse one model file in a child process, with a time limit and a memory limit.
 
-Importing a model file runs the user's code: a hang, an infinite allocation or a crash
-there must not take memlint (or the pre-commit hook, or CI) down with it. The parent sends
-a JSON request on stdin and reads a JSON answer on stdout; the child never writes
-bytecode into the user's tree.
+Importing a model file runs the user's code: a hang, an infinite allocation, a crash, an
+``os._exit`` or garbage on stdout there must not take memlint (or the pre-commit hook, or CI)
+down with it, and must be reported clearly. The parent sends a JSON request on stdin and reads
+JSON lines (phase notes, then the answer) from a private copy of the child's stdout; the child
+runs in its own process group (killed on a timeout and after it answers: no orphans), under
+``RLIMIT_AS``, and never writes bytecode into the user's tree. See README, *Safety*.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from memlint.errors import MemlintError, ModelError
 from memlint.settings import Settings
@@ -42,25 +49,199 @@ class AnalysisAnswer:
 
 
 def run_in_child(request: AnalysisRequest, timeout: float, memory_limit: int | None) -> AnalysisAnswer:
-    """Run the analysis in ``python -m memlint.worker``; translate timeouts and crashes."""
-    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    """Run the analysis in ``python -m memlint.worker``; translate timeouts, crashes and garbage.
+
+    The child is the leader of a new process group, so that on a timeout (and after it
+    exits) everything the user's code started is killed with it: no orphan processes. Its
+    answer comes on stdout, which the child keeps to itself (the user's ``print`` goes to
+    stderr, see ``main``); stderr goes to a temporary file (outside the analysed tree), so a
+    grandchild that keeps it open cannot block us.
+    """
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "MEMLINT_PARENT_PID": str(os.getpid()),
+           "MEMLINT_DEADLINE": str(time.time() + STARTUP_LIMIT + timeout + _DEADLINE_GRACE)}
+    env.pop("MEMLINT_MEMORY_LIMIT", None)
     if memory_limit:
         env["MEMLINT_MEMORY_LIMIT"] = str(memory_limit)
+    with tempfile.TemporaryFile() as stderr:
+        try:
+            process = subprocess.Popen([sys.executable, "-m", "memlint.worker"], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=stderr, env=env, start_new_session=True)
+        except OSError as exc:
+            return AnalysisAnswer([], _error_json(ModelError(
+                f"could not start the analysis process: {exc.strerror or exc}", path=request.display_path,
+                hint="check that the Python running memlint can start processes")))
+        with _LIVE_LOCK:
+            _LIVE_GROUPS.add(process.pid)
+        try:
+            output, timed_out = _talk(process, json.dumps(asdict(request)).encode(), timeout)
+        finally:
+            _kill_group(process)
+            process.wait()
+            with _LIVE_LOCK:
+                _LIVE_GROUPS.discard(process.pid)
+        stderr.seek(0)
+        err = stderr.read().decode("utf-8", "replace")
+    if request.debug and err.strip():
+        sys.stderr.write(f"--- output of the analysis process for {request.display_path} ---\n{err}")
+    return _answer(request, process.returncode, output, err, timed_out, timeout, memory_limit)
+
+
+_DEADLINE_GRACE = 10.0  # the child stops itself this long after the parent's timeout, should the parent be gone
+# The timeout counts from the moment the child starts on the user's file: memlint's own start
+# (importing torch: seconds, more on a loaded machine) is not the model's time. It has its own limit.
+STARTUP_LIMIT = 120.0
+_LIVE_GROUPS: set[int] = set()  # process groups of running analyses, killed on Ctrl-C (kill_all_children)
+_LIVE_LOCK = threading.Lock()
+
+
+def _talk(process: subprocess.Popen, request: bytes, timeout: float) -> tuple[bytes, bool]:
+    """Send the request, collect stdout, and wait for the child (not for what it left behind).
+
+    ``timeout`` runs from the child's first phase note (it has started on the user's file). On
+    a timeout the child first gets SIGTERM, on which it dumps its Python stack to stderr
+    (faulthandler) so that the message can name the line it was stuck on; then the whole
+    group gets SIGKILL.
+    """
+    chunks: list[bytes] = []
+    started: list[float] = []
+
+    def pump() -> None:
+        try:
+            process.stdin.write(request)  # type: ignore[union-attr]
+            process.stdin.close()  # type: ignore[union-attr]
+        except OSError:  # the child died before reading its request: its exit status says why
+            pass
+        while True:
+            chunk = process.stdout.read1(1 << 16)  # type: ignore[union-attr]
+            if not chunk:
+                break
+            if not started and b'"phase"' in chunk:
+                started.append(time.monotonic())
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    launched = time.monotonic()
+    timed_out = not _wait_unreaped(process, lambda: started[0] + timeout if started
+                                   else launched + STARTUP_LIMIT + timeout)
+    if timed_out:
+        try:
+            process.send_signal(signal.SIGTERM)
+        except OSError:
+            pass
+        stop = time.monotonic() + 2.0
+        _wait_unreaped(process, lambda: stop)
+    _kill_group(process)  # the child's leftovers (and the child, on a timeout)
+    process.wait()
+    reader.join(5.0)
+    process.stdout.close()  # type: ignore[union-attr]
+    return b"".join(chunks), timed_out
+
+
+def _wait_unreaped(process: subprocess.Popen, deadline: Callable[[], float]) -> bool:
+    """Wait until the child exits, without reaping it (its pid, the group id, stays ours); False on timeout."""
+    waitid = getattr(os, "waitid", None)
+    while True:
+        if waitid is not None:
+            try:
+                if waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                    return True
+            except ChildProcessError:
+                return True
+        elif process.poll() is not None:
+            return True
+        if time.monotonic() >= deadline():
+            return False
+        time.sleep(0.02)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    if process.returncode is not None:
+        return  # reaped: the group id may belong to someone else now
     try:
-        done = subprocess.run([sys.executable, "-m", "memlint.worker"], input=json.dumps(asdict(request)),
-                              capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_all_children() -> None:
+    """Stop every running analysis with its process group (on Ctrl-C or when memlint is stopped)."""
+    with _LIVE_LOCK:
+        groups = list(_LIVE_GROUPS)
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+_PHASES = {
+    "import": ("importing the file", "the file runs code at import that does not return (a training loop, a "
+               "download, input()?): guard it with `if __name__ == \"__main__\":`, or lint without importing: "
+               "--no-import"),
+    "analyse": ("building, tracing and simulating the model",
+                "a forward() that never returns, or a model too large to simulate in time: raise --timeout "
+                "if it is the latter"),
+}
+
+
+def _answer(request: AnalysisRequest, returncode: int, output: bytes, err: str, timed_out: bool, timeout: float,
+            memory_limit: int | None) -> AnalysisAnswer:
+    """The child's answer, or a one-paragraph error that says what happened to it."""
+    messages: list[dict[str, Any]] = []
+    for line in output.decode("utf-8", "replace").splitlines():
+        if line.startswith("{"):
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                messages.append(value)
+    phase = next((m["phase"] for m in reversed(messages) if "phase" in m), None)
+    where, line = _stuck_at(err, request.path)
+    if timed_out:
+        doing, hint = _PHASES.get(phase or "", ("starting the analysis", "raise --timeout"))
         return AnalysisAnswer([], _error_json(ModelError(
-            f"the analysis did not finish within {timeout:g} s and was stopped", path=request.display_path,
-            hint="a forward() that never returns, or a very large model: raise --timeout if it is the latter")))
-    if done.returncode != 0 or not done.stdout.strip():
-        reason = "ran out of its memory limit" if done.returncode in (-9, 137) or "MemoryError" in done.stderr \
-            else f"crashed (exit code {done.returncode})"
-        tail = done.stderr.strip().splitlines()[-1:] if done.stderr.strip() else []
-        return AnalysisAnswer([], _error_json(ModelError(
-            f"the analysis {reason}{': ' + tail[0] if tail else ''}", path=request.display_path,
-            hint="rerun with --debug to see the child's output")))
-    return AnalysisAnswer(**json.loads(done.stdout.strip().splitlines()[-1]))
+            f"the analysis did not finish within {timeout:g} s while {doing}"
+            f"{f', in {where}()' if where else ''}; memlint stopped it (and every process it started)",
+            path=request.display_path, line=line, hint=hint)))
+    answer = next((m for m in reversed(messages) if "reports" in m), None)
+    if returncode == 0 and answer is not None:
+        try:
+            return AnalysisAnswer(reports=list(answer["reports"]), error=answer.get("error"))
+        except (TypeError, KeyError):
+            pass
+    if returncode == 0:
+        reason = "ended without an answer memlint could read"
+    elif returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else str(-returncode)
+        reason = f"was killed by signal {name}"
+        if -returncode == signal.SIGKILL:
+            reason += " (by the system's out-of-memory killer, most likely)"
+    else:
+        reason = f"exited with code {returncode}"
+    if "MemoryError" in err or "can't allocate memory" in err:
+        reason += "; it ran out of memory"
+    doing = _PHASES.get(phase or "", ("starting",))[0]
+    hint = ("the model file's code ends the process (os._exit(), sys.exit() in a thread, a crash in an extension) "
+            "or corrupts its output; guard scripts with `if __name__ == \"__main__\":`, or use --no-import; "
+            "rerun with --debug to see the process's output")
+    return AnalysisAnswer([], _error_json(ModelError(
+        f"the analysis process {reason} while {doing}, before it could answer", path=request.display_path,
+        line=line, hint=hint)))
+
+
+def _stuck_at(err: str, path: str) -> tuple[str | None, int | None]:
+    """The innermost frame of the user's file in a faulthandler or Python traceback dump: (function, line)."""
+    target = os.path.realpath(path)
+    frames = re.findall(r'File "([^"]+)", line (\d+),? in (\S+)', err)
+    # faulthandler lists the most recent call first, Python tracebacks last: look at both orders.
+    dump = err.rfind("most recent call first")
+    ordered = frames if dump >= 0 and dump > err.rfind("most recent call last") else list(reversed(frames))
+    for filename, number, function in ordered:
+        if os.path.realpath(filename) == target:
+            return (None if function == "<module>" else function), int(number)
+    return None, None
 
 
 def _error_json(error: MemlintError) -> dict[str, Any]:
@@ -89,14 +270,21 @@ def analyse_request(request: AnalysisRequest) -> AnalysisAnswer:
     settings = Settings(**_settings_from_json(request.settings))
     target = resolve_target(request.target, settings.user_targets)
     path = Path(request.path)
+    from memlint.build import new_fake_mode
+
+    new_fake_mode()  # memlint's own lazy imports (torch._dynamo, ...): before the clock of --timeout starts
+    _emit({"phase": "import"})
     module = import_user_file(path)
+    _emit({"phase": "analyse"})
     reports = []
     for entry in find_models(module, path, settings.model):
         workload = Workload(
             name=entry.name, path=request.display_path, line=entry.line, build=entry.build,
             example_inputs=entry.example_inputs, loss_fn=entry.loss_fn, build_optimizer=entry.build_optimizer,
             batch_size=request.batch_size, input_shape=settings.input_shape, input_dtype=settings.input_dtype,
-            optimizer=settings.optimizer, precision=settings.precision, mode=settings.mode)
+            optimizer=settings.optimizer, precision=settings.precision, mode=settings.mode,
+            strategy=settings.strategy, devices=settings.devices, checkpoint_layers=settings.checkpoint_layers,
+            epoch_size=settings.epoch_size)
         report = analyse(workload, target, settings.threshold, settings.depth)
         report.batch_size_source = request.batch_size_source
         reports.append(report.to_json(full=True))
@@ -108,28 +296,124 @@ def _settings_from_json(data: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) if k in tuples and v is not None else v for k, v in data.items()}
 
 
+_ANSWER: Any = None  # the child's private channel to the parent (its original stdout)
+
+
+_PHASE: list[str] = []  # the phases the child has entered (empty: memlint is still starting)
+
+
+def _emit(message: dict[str, Any]) -> None:
+    """Send one JSON line to the parent (a phase note or the answer)."""
+    if "phase" in message:
+        _PHASE.append(message["phase"])
+    if _ANSWER is not None:
+        _ANSWER.write(json.dumps(message) + "\n")
+        _ANSWER.flush()
+
+
+def _guard_child() -> None:
+    """In the child: keep stdout for the answer, dump the stack on SIGTERM, and never outlive the parent.
+
+    The user's code may print anything: fd 1 is pointed at stderr, and the answer goes to a
+    private copy of the original stdout (not inherited by processes the user's code starts).
+    On SIGTERM (the parent's timeout) faulthandler writes the Python stack to stderr, which
+    names the line the model was stuck on, and the process ends. A watchdog thread kills the
+    process group when the parent is gone or the deadline has passed (should the parent have
+    been killed before it could do so).
+    """
+    global _ANSWER
+    import faulthandler
+
+    sys.stdout.flush()
+    _ANSWER = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    os.dup2(2, 1)
+    faulthandler.enable(file=sys.__stderr__, all_threads=True)  # a crash (SIGSEGV, ...) names its line
+    faulthandler.register(signal.SIGTERM, file=sys.__stderr__, all_threads=True, chain=True)
+    real_exit = os._exit
+
+    def exit_with_stack(code: int) -> None:  # os._exit() in the user's code: say where
+        traceback.print_stack(sys._getframe(1), file=sys.__stderr__)
+        sys.__stderr__.flush()
+        real_exit(code)
+
+    os._exit = exit_with_stack  # type: ignore[assignment]
+    parent = int(os.environ.get("MEMLINT_PARENT_PID", "0") or 0)
+    deadline = float(os.environ.get("MEMLINT_DEADLINE", "0") or 0)
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if (parent and os.getppid() != parent) or (deadline and time.time() > deadline):
+                try:
+                    os.killpg(os.getpgid(0), signal.SIGKILL)
+                finally:
+                    os._exit(137)
+
+    threading.Thread(target=watch, name="memlint-watchdog", daemon=True).start()
+
+
 def main() -> None:
+    _guard_child()
     request = AnalysisRequest(**json.loads(sys.stdin.read()))
     sys.dont_write_bytecode = True
     _limit_memory()
     try:
         answer = analyse_request(request)
     except MemlintError as exc:
-        if request.debug:
+        if request.debug:  # the user's own traceback first (the error hides it: `raise ... from None`)
+            if exc.__context__ is not None and exc.__suppress_context__:
+                traceback.print_exception(exc.__context__)
             traceback.print_exc()
         answer = AnalysisAnswer([], _error_json(exc))
     except MemoryError:
-        answer = AnalysisAnswer([], _error_json(ModelError(
-            "the analysis ran out of its memory limit", path=request.display_path,
-            hint="the model file allocates real memory at import or construction; memlint itself builds on "
-                 "fake tensors. Raise the limit with --memory-limit")))
+        answer = AnalysisAnswer([], _error_json(_out_of_memory(request.display_path, "while analysing")))
     except Exception as exc:  # an internal error: say so plainly, with the traceback under --debug
         if request.debug:
             traceback.print_exc()
-        answer = AnalysisAnswer([], _error_json(ModelError(
-            f"internal error while analysing: {type(exc).__name__}: {exc}", path=request.display_path,
-            hint="rerun with --debug and report it")))
-    sys.stdout.write("\n" + json.dumps(asdict(answer)) + "\n")
+        limit = os.environ.get("MEMLINT_MEMORY_LIMIT")
+        if not _PHASE and limit and (_is_allocation_failure(exc) or "failed to map" in str(exc)):
+            answer = AnalysisAnswer([], _error_json(ModelError(
+                f"the memory limit ({_size(int(limit))}) is too small for memlint itself to start "
+                f"({type(exc).__name__}: {exc})", path=request.display_path,
+                hint="torch alone needs about 1 GiB of address space: raise --memory-limit (default 8GiB)")))
+        elif _is_allocation_failure(exc):
+            answer = AnalysisAnswer([], _error_json(_out_of_memory(request.display_path, "while analysing")))
+        else:
+            answer = AnalysisAnswer([], _error_json(ModelError(
+                f"internal error while analysing: {type(exc).__name__}: {exc}", path=request.display_path,
+                hint="rerun with --debug and report it")))
+    _emit(asdict(answer))
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # the user's code may have closed it
+            pass
+    # Leave at once: the user's atexit handlers and non-daemon threads have no business running now.
+    _real_exit(0)
+
+
+_real_exit = os._exit
+
+
+def _size(nbytes: int) -> str:
+    from memlint.units import format_bytes
+
+    text = format_bytes(nbytes)
+    return text.replace(".00 ", " ").replace(".0 ", " ")
+
+
+def _is_allocation_failure(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc) or "bad_alloc" in str(exc)
+
+
+def _out_of_memory(path: str, when: str, line: int | None = None) -> ModelError:
+    limit = os.environ.get("MEMLINT_MEMORY_LIMIT")
+    size = _size(int(limit)) if limit else "the machine's memory"
+    return ModelError(f"the model file allocated more real memory than the analysis may use ({size}) {when}",
+                      path=path, line=line,
+                      hint="memlint builds models on fake tensors and needs little memory itself, so the file's own "
+                           "code allocates it (a large tensor or array at import or in the constructor); create it "
+                           "lazily, or raise the limit with --memory-limit (or lint without importing: --no-import)")
 
 
 if __name__ == "__main__":

@@ -14,21 +14,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import libcst as cst
 from libcst.metadata import PositionProvider
 
 if TYPE_CHECKING:
     from memlint.rules.base import RuleContext
-
-__all__ = [
-    "FACTORIES", "LEGACY_TENSOR_TYPES", "DATALOADERS", "FileFacts", "Imports", "LoaderLoop",
-    "code", "dotted_name", "facts", "position", "walk", "calls_in", "names_in", "root_name",
-    "method_name", "call_name", "keyword", "has_star_kwargs", "is_move_call", "device_text",
-    "is_modulo_guard", "is_module_class", "module_classes", "methods", "reachable_methods",
-    "first_param", "is_sync_call", "self_attribute",
-]
 
 # Factories that take ``device=``; without it the tensor is made on the CPU (the default device).
 FACTORIES = frozenset(f"torch.{name}" for name in (
@@ -62,6 +54,15 @@ _EMPTY = cst.Module(body=[])
 def code(node: cst.CSTNode) -> str:
     """The source text of a node, as written."""
     return _EMPTY.code_for_node(node)
+
+
+def shorten(text: str, limit: int = 70) -> str:
+    """Source text on one line for a message: whitespace squashed, cut at ``limit`` with ``...``."""
+    text = " ".join(text.split()).replace("( ", "(").replace(" )", ")").replace("[ ", "[").replace(" ]", "]")
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 3]
+    return cut + ("...)" if cut.count("(") > cut.count(")") else "...")
 
 
 def dotted_name(expr: cst.BaseExpression | None) -> str | None:
@@ -528,6 +529,7 @@ class LoaderLoop:
     loader: cst.BaseExpression
     targets: list[str]
     function: cst.FunctionDef | None
+    index: str | None = None  # the ``enumerate`` counter, when there is one
 
     @property
     def loader_text(self) -> str:
@@ -535,6 +537,8 @@ class LoaderLoop:
 
 
 def _unwrap_loader(iterable: cst.BaseExpression, target: cst.BaseExpression | None):
+    """(loader, batch target, enumerate counter name) of a ``for`` loop."""
+    index = None
     for _ in range(4):
         if not isinstance(iterable, cst.Call) or not iterable.args or iterable.args[0].keyword is not None:
             break
@@ -542,6 +546,8 @@ def _unwrap_loader(iterable: cst.BaseExpression, target: cst.BaseExpression | No
         if name == "enumerate":
             iterable = iterable.args[0].value
             if isinstance(target, (cst.Tuple, cst.List)) and len(target.elements) == 2:
+                counter = target.elements[0].value
+                index = counter.value if isinstance(counter, cst.Name) else None
                 target = target.elements[1].value
             else:
                 target = None
@@ -549,7 +555,7 @@ def _unwrap_loader(iterable: cst.BaseExpression, target: cst.BaseExpression | No
             iterable = iterable.args[0].value
         else:
             break
-    return iterable, target
+    return iterable, target, index
 
 
 def _is_loader(expr: cst.BaseExpression, loader_names: set[str]) -> bool:
@@ -595,20 +601,21 @@ class FileFacts:
                             loader_names.add(dotted)
             loops = []
             for node, function in self.fors:
-                loader, target = _unwrap_loader(node.iter, node.target)
+                loader, target, index = _unwrap_loader(node.iter, node.target)
                 if target is None or not _is_loader(loader, loader_names):
                     continue
                 names = target_names(target)
                 if names:
-                    loops.append(LoaderLoop(node, loader, names, function))
+                    loops.append(LoaderLoop(node, loader, names, function, index))
             self._loops = loops
         return self._loops
 
     def accelerator(self) -> tuple[cst.CSTNode, str] | None:
-        """The first sign that the file runs on an accelerator: ``.cuda()``, ``"cuda"``, ``torch.device("cuda")``."""
+        """The first sign that the file runs on an accelerator: ``.cuda()``, ``"cuda"``, ``torch.device("cuda")``,
+        ``.to(0)``, ``.to(gpu_id)``, ``.to(local_rank)``."""
         if self.accelerator_node is None:
             return None
-        return self.accelerator_node, f"`{_short(code(self.accelerator_node))}`"
+        return self.accelerator_node, f"`{shorten(code(self.accelerator_node), 40)}`"
 
     def moved_modules(self) -> dict[str, cst.Call]:
         """Names (``model``, ``self.net``) moved to an accelerator somewhere in the file, with the move."""
@@ -628,9 +635,24 @@ class FileFacts:
         return moved
 
 
-def _short(text: str, limit: int = 40) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+_ACCELERATOR_WORDS = ("gpu", "cuda", "rank")
+
+
+def _names_accelerator(call: cst.Call) -> bool:
+    """``x.cuda()``, or a move to an accelerator by index or by a name that says so: ``.to(0)``,
+    ``.to(gpu_id)``, ``.to(local_rank)`` (not ``.to(device)``, which may well be the CPU)."""
+    name = method_name(call)
+    if name == "cuda":
+        return True
+    if name != "to":
+        return False
+    device = keyword(call, "device")
+    args = positional(call)
+    target = device.value if device is not None else (args[0].value if args else None)
+    if isinstance(target, cst.Integer):
+        return True
+    dotted = (dotted_name(target) or "").rsplit(".", 1)[-1].lower()
+    return any(word in dotted for word in _ACCELERATOR_WORDS)
 
 
 def _collect_facts(module: cst.Module, info: FileFacts) -> None:
@@ -639,7 +661,7 @@ def _collect_facts(module: cst.Module, info: FileFacts) -> None:
         node, function = stack.pop()
         if isinstance(node, cst.Call):
             info.calls.append(node)
-            if info.accelerator_node is None and method_name(node) == "cuda":
+            if info.accelerator_node is None and _names_accelerator(node):
                 info.accelerator_node = node
         elif isinstance(node, cst.SimpleString):
             if len(node.value) < 12 and is_device_string(node):
@@ -683,11 +705,25 @@ def is_modulo_guard(test: cst.BaseExpression) -> bool:
     return False
 
 
-def modulo_guarded_nodes(body: cst.CSTNode) -> set[int]:
-    """ids of the nodes inside ``if <...% N...>:`` bodies (not their ``else``) under ``body``."""
+def is_index_equality(test: cst.BaseExpression, index: str | None) -> bool:
+    """``i == 0``, ``step == len(loader) - 1``: a branch taken on one step of the loop."""
+    if index is None:
+        return False
+    for comparison in walk(test, cst.Comparison, stop=(cst.Lambda,)):
+        if len(comparison.comparisons) != 1 or not isinstance(comparison.comparisons[0].operator, cst.Equal):
+            continue
+        sides = (comparison.left, comparison.comparisons[0].comparator)
+        if any(isinstance(side, cst.Name) and side.value == index for side in sides):
+            return True
+    return False
+
+
+def modulo_guarded_nodes(body: cst.CSTNode, index: str | None = None) -> set[int]:
+    """ids of the nodes inside ``if <...% N...>:`` bodies (not their ``else``) under ``body``, and,
+    given the loop's step counter ``index``, inside ``if index == ...:`` bodies (one step only)."""
     guarded: set[int] = set()
     for node in walk(body, cst.If):
-        if is_modulo_guard(node.test):
+        if is_modulo_guard(node.test) or is_index_equality(node.test, index):
             guarded.update(id(inner) for inner in walk(node.body, cst.CSTNode))
     return guarded
 
@@ -700,10 +736,6 @@ def statements(body: cst.CSTNode) -> Iterator[cst.SimpleStatementLine]:
 def iter_small(body: cst.CSTNode) -> Iterator[cst.BaseSmallStatement]:
     for line in statements(body):
         yield from line.body
-
-
-def any_call(node: cst.CSTNode, predicate: Callable[[cst.Call], bool]) -> bool:
-    return any(predicate(call) for call in calls_in(node))
 
 
 # --------------------------------------------------------------------------------------------
@@ -801,14 +833,17 @@ def is_moveish_call(call: cst.Call, imports: Imports) -> bool:
     return any(word in name for word in _MOVE_WORDS)
 
 
-def value_root(expr: cst.BaseExpression) -> str | None:
-    """The variable a value comes from: ``x`` for ``x``, ``x[0]``, ``x.float()``, ``*x``, ``x["ids"].long()``."""
+def value_root(expr: cst.BaseExpression, *, through_calls: bool = True) -> str | None:
+    """The variable a value comes from: ``x`` for ``x``, ``x[0]``, ``x.float()``, ``*x``, ``x["ids"].long()``.
+
+    ``through_calls=False`` stops at method calls: ``x.tolist()`` is a new object, not ``x``.
+    """
     for _ in range(32):
         if isinstance(expr, cst.Name):
             return expr.value
         if isinstance(expr, (cst.Attribute, cst.Subscript, cst.StarredElement)):
             expr = expr.value
-        elif isinstance(expr, cst.Call) and isinstance(expr.func, cst.Attribute):
+        elif through_calls and isinstance(expr, cst.Call) and isinstance(expr.func, cst.Attribute):
             expr = expr.func.value
         else:
             return None
@@ -871,7 +906,7 @@ class LoopFlow:
                 if dotted_name(call.func) in models or call_name(call) in _HARMLESS_CALLS:
                     continue
                 for arg in call.args:
-                    root = value_root(arg.value)
+                    root = value_root(arg.value, through_calls=False)
                     if root in tracked:
                         escaped.add(root)
         for line_node in walk(loop.node.body, (cst.If, cst.While, cst.For, cst.With)):

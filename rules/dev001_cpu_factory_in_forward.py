@@ -9,15 +9,9 @@ from memlint.diagnostics import Diagnostic, Severity
 from memlint.rules._static import (
     FACTORIES, LEGACY_TENSOR_TYPES, NO_DEVICE_ARGUMENT, call_name, calls_in, children, code, device_text, facts,
     first_param, has_star_kwargs, is_move_call, is_sync_call, keyword, method_name, module_classes, names_in,
-    position,
-    positional, reachable_methods, target_names, walk,
+    position, positional, reachable_methods, shorten, target_names, walk,
 )
 from memlint.rules.base import Rule, RuleContext
-
-
-def _squash(text: str, limit: int = 70) -> str:
-    text = " ".join(text.split()).replace("( ", "(").replace(" )", ")")
-    return text if len(text) <= limit else text[: limit - 4] + "...)"
 
 
 def _keyword_arg(name: str, value: cst.BaseExpression) -> cst.Arg:
@@ -36,7 +30,7 @@ def _with_device(call: cst.Call, device: str, move: cst.Call | None = None) -> s
     if dtype is not None and keyword(call, "dtype") is None:
         extra.append(_keyword_arg("dtype", dtype.value))
     extra.append(_keyword_arg("device", cst.parse_expression(device)))
-    return _squash(code(call.with_changes(args=[*args, *extra])), limit=200)
+    return shorten(code(call.with_changes(args=[*args, *extra])), limit=200)
 
 
 def _device_hint(func: cst.FunctionDef, forward: cst.FunctionDef) -> tuple[str, str]:
@@ -54,7 +48,7 @@ def _device_hint(func: cst.FunctionDef, forward: cst.FunctionDef) -> tuple[str, 
 
 
 _SIZED = frozenset(f"torch.{n}" for n in ("zeros", "ones", "empty", "rand", "randn"))
-_SCALAR_CALLS = frozenset({"size", "dim", "numel", "len", "float", "int", "bool", "item", "sqrt", "log", "exp",
+_SCALAR_CALLS = frozenset({"dim", "numel", "len", "float", "int", "bool", "item", "sqrt", "log", "exp",
                            "min", "max", "abs", "round", "prod"})
 _COLLECTING = frozenset({"append", "extend", "insert", "add", "update", "setdefault"})
 _TRACING = frozenset({"is_tracing", "is_scripting", "is_compiling", "is_torchdynamo_compiling", "is_exporting"})
@@ -77,6 +71,8 @@ def _scalar_expr(expr: cst.BaseExpression) -> bool | None:
         literal = any(isinstance(s, (cst.Integer, cst.Float)) for s in (expr.left, expr.right))
         return True if literal or sides == (True, True) else None
     if isinstance(expr, cst.Call):
+        if call_name(expr) == "size":  # x.size(-1) is a number, x.size() a torch.Size
+            return True if positional(expr) else None
         return True if call_name(expr) in _SCALAR_CALLS else None
     if isinstance(expr, cst.Subscript) and isinstance(expr.value, cst.Attribute) and expr.value.attr.value == "shape":
         index = expr.slice[0].slice if len(expr.slice) == 1 else None
@@ -129,11 +125,17 @@ class _Flow:
         self.owner: dict[int, int] = {}
         self.assigns: list[tuple[set[str], set[str]]] = []
         self.statement_targets: list[set[str]] = []
+        self.operands: list[set[str] | None] = []  # per assignment: the variables its value computes with
+        self.value_uses: dict[int, int] = {}  # a name read in an assignment's value -> that statement
         for index, small in enumerate(walk(func.body, cst.BaseSmallStatement, stop=(cst.ClassDef,))):
             targets, value = self._targets(small)
             self.statement_targets.append(targets)
+            self.operands.append(None)
             if value is not None and targets:
                 self.assigns.append((targets, _data_names(value)))
+                callees = {n for c in calls_in(value, stop=(cst.ClassDef,)) for n in names_in(c.func)}
+                self.operands[index] = _data_names(value) - callees
+                self.value_uses.update((id(n), index) for n in walk(value, cst.Name, stop=(cst.ClassDef,)))
             for inner in calls_in(small, stop=(cst.ClassDef,)):
                 self.owner[id(inner)] = index
                 # ``parts.append(torch.arange(n))``: the list now holds the tensor
@@ -152,7 +154,9 @@ class _Flow:
         for branch in walk(func.body, (cst.If, cst.While), stop=(cst.ClassDef,)):
             for inner in calls_in(branch.test):
                 self.host.append(self._summary(inner, branch))
-        self.returns = [self._summary(node.value, node)
+        # what a return hands back: ``return table[idx]`` returns ``table``'s data, not ``idx``'s
+        self.returns = [(_data_names(node.value), {id(c) for c in calls_in(node.value, stop=(cst.ClassDef,))
+                                                    if id(c) not in self._slice_calls(node.value)}, node)
                         for node in walk(func.body, cst.Return) if node.value is not None]
         # which names are only ever used to index other tensors (``x[idx]``)
         self.in_slice: set[int] = set()
@@ -168,6 +172,15 @@ class _Flow:
         for name in walk(func.body, cst.Name, stop=(cst.ClassDef,)):
             if id(name) not in self.bound:
                 self.uses.setdefault(name.value, []).append(id(name))
+        # numbers the function sizes its factories with (``torch.arange(q_size)``): not device tensors,
+        # and variables holding other factory results of the same function (``k = torch.arange(m)``)
+        self.sizes: set[str] = set()
+        for call in calls:
+            if imports.qualify(call.func) in FACTORIES:
+                for arg in positional(call):
+                    self.sizes |= names_in(arg.value)
+                if id(call) in self.owner:
+                    self.sizes |= self.statement_targets[self.owner[id(call)]]
         self.tracing: set[int] = set()
         for node in walk(func.body, (cst.If, cst.IfExp), stop=(cst.ClassDef,)):
             if any(call_name(c) in _TRACING for c in calls_in(node.test)):
@@ -189,8 +202,35 @@ class _Flow:
         return names, small.value  # type: ignore[return-value]
 
     @staticmethod
+    def _slice_calls(expr: cst.BaseExpression) -> set[int]:
+        return {id(c) for sub in walk(expr, cst.Subscript, stop=(cst.ClassDef,))
+                for element in sub.slice for c in calls_in(element, stop=(cst.ClassDef,))}
+
+    @staticmethod
     def _summary(expr: cst.BaseExpression, node: cst.CSTNode) -> tuple[set[str], set[int], cst.CSTNode]:
         return names_in(expr), {id(c) for c in calls_in(expr, stop=(cst.ClassDef,))}, node
+
+    def _only_indexes(self, owner: int | None, tainted: set[str]) -> bool:
+        """Is the tensor (and what is computed from it, with sizes only) used just to index other tensors?
+
+        ``q = torch.arange(n)[:, None] * s; rel = q - k; return table[rel.long()]``: PyTorch accepts
+        CPU indices for a device tensor (at the cost of a copy), so this is no device mismatch.
+        """
+        if owner is None or not tainted:
+            return False
+        allowed = tainted | self.sizes
+
+        def computes_only_with_sizes(index: int) -> bool:
+            operands = self.operands[index]
+            return operands is not None and self.statement_targets[index] <= tainted and operands <= allowed
+
+        if not computes_only_with_sizes(owner):
+            return False
+        uses = [use for name in tainted for use in self.uses.get(name, [])]
+        if not any(use in self.in_slice for use in uses):
+            return False
+        return all(use in self.in_slice or (use in self.value_uses and computes_only_with_sizes(self.value_uses[use]))
+                   for use in uses)
 
     def fate(self, factory: cst.Call, *, returns_matter: bool) -> "str | tuple[cst.Call, bool]":
         """``"host"`` (made for the CPU on purpose: silent), ``(move, at_once)`` (moved later: info),
@@ -222,11 +262,7 @@ class _Flow:
             return (after or later)[0], False  # type: ignore[return-value]
         if returns_matter and any(key in ids or names & tainted for names, ids, _ in self.returns):
             return "returned"
-        if key in self.in_slice:
-            return "index"
-        direct = self.statement_targets[owner] if owner is not None else set()
-        uses = [use for name in direct for use in self.uses.get(name, [])]
-        if uses and all(use in self.in_slice for use in uses):
+        if key in self.in_slice or self._only_indexes(owner, tainted):
             return "index"
         if factory.args and _scalar_expr(factory.args[0].value) is None and \
                 call_name(factory) in ("tensor", "as_tensor", "scalar_tensor"):
@@ -478,7 +514,7 @@ class Net(nn.Module):
     def _diagnose(self, ctx: RuleContext, call: cst.Call, qualified: str, fate: "str | tuple[cst.Call, bool]",
                   where: str, func: cst.FunctionDef, forward: cst.FunctionDef) -> Diagnostic | None:
         line, column = position(ctx, call)
-        shown = _squash(code(call))
+        shown = shorten(code(call))
         imports = facts(ctx).imports
         if isinstance(fate, tuple):
             move, at_once = fate
@@ -489,7 +525,7 @@ class Net(nn.Module):
             if at_once:
                 what = "is created on the CPU and then copied to the device on every call"
             else:
-                what = (f"is created on the CPU and copied to the device later (`{_squash(code(move), 50)}`, "
+                what = (f"is created on the CPU and copied to the device later (`{shorten(code(move), 50)}`, "
                         f"line {position(ctx, move)[0]}), on every call")
             return ctx.diagnostic(self, line, column,
                                   f"`{shown}` in `{where}` {what}; create it on the device directly: {better}",
@@ -515,8 +551,8 @@ class Net(nn.Module):
             better = _with_device(call, device)
             return ctx.diagnostic(
                 self, line, column,
-                f"`{shown}` in `{where}` creates a CPU tensor; if its data is a single number that is fine, "
-                f"otherwise pass device=: {better}{note}",
+                f"`{shown}` in `{where}` creates a CPU tensor; fine if its data is a single number or the "
+                f"tensor is meant for the host, otherwise pass device=: {better}{note}",
                 severity=Severity.INFO, fix=better)
         if qualified in LEGACY_TENSOR_TYPES:
             better = f"torch.tensor(..., device={device})"

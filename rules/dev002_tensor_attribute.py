@@ -8,7 +8,7 @@ import libcst as cst
 from memlint.diagnostics import Diagnostic, Severity
 from memlint.rules._static import (
     CONTAINER, calls_in, code, facts, first_param, is_move_call, iter_small, keyword, method_name, methods,
-    module_classes, position, self_attribute, string_value, tensor_kind, walk,
+    module_classes, position, self_attribute, shorten, string_value, tensor_kind,
 )
 from memlint.rules.base import Rule, RuleContext
 
@@ -19,36 +19,42 @@ _REGISTERING = frozenset({"torch.nn.Parameter", "torch.nn.parameter.Parameter", 
 _MOVING_OVERRIDES = frozenset({"_apply", "to", "cuda", "_save_to_state_dict"})
 
 
-def _squash(text: str, limit: int = 60) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _registered_names(ctx: RuleContext) -> set[str]:
+    """Names registered as buffers or parameters anywhere in the file.
 
-
-def _registered_attributes(cls: cst.ClassDef, ctx: RuleContext) -> tuple[set[str], set[str]]:
-    """Attributes the class registers (buffer/parameter), and attributes it moves itself with ``.to()``."""
-    imports = facts(ctx).imports
+    File-wide on purpose: ``nn.Module.__setattr__`` sends a tensor assigned to a name that a base
+    class registered (``_NormBase`` registers ``num_batches_tracked``) into ``_buffers``, so the
+    plain-looking assignment in the subclass is a buffer after all.
+    """
+    info = facts(ctx)
     registered: set[str] = set()
-    moved: set[str] = set()
-    for call in calls_in(cls, stop=(cst.ClassDef,)):
-        name = method_name(call)
-        if name in ("register_buffer", "register_parameter") and call.args:
+    for call in info.calls:
+        if method_name(call) in ("register_buffer", "register_parameter") and call.args:
             first = keyword(call, "name") or call.args[0]
             value = string_value(first.value)
             if value:
                 registered.add(value)
-        elif isinstance(call.func, cst.Attribute) and is_move_call(call, imports):
-            attribute = self_attribute(call.func.value)
-            if attribute:
-                moved.add(attribute)
-    for node in walk(cls, (cst.Assign, cst.AnnAssign), stop=(cst.ClassDef,)):
+    for node in info.assigns:
         value = node.value
         if not isinstance(value, cst.Call):
             continue
-        qualified = imports.qualify(value.func) or ""
-        if qualified in _REGISTERING or (code(value.func).rsplit(".", 1)[-1] in ("Parameter", "Buffer")):
-            targets = [t.target for t in node.targets] if isinstance(node, cst.Assign) else [node.target]
-            registered.update(a for a in (self_attribute(t) for t in targets) if a)
-    return registered, moved
+        qualified = info.imports.qualify(value.func) or ""
+        if qualified in _REGISTERING or code(value.func).rsplit(".", 1)[-1] in (
+                "Parameter", "Buffer", "UninitializedParameter", "UninitializedBuffer"):
+            registered.update(a for a in (self_attribute(t.target) for t in node.targets) if a)
+    return registered
+
+
+def _moved_by_hand(cls: cst.ClassDef, ctx: RuleContext) -> set[str]:
+    """Attributes the class moves itself somewhere: ``self.table.to(x.device)``."""
+    imports = facts(ctx).imports
+    moved: set[str] = set()
+    for call in calls_in(cls, stop=(cst.ClassDef,)):
+        if isinstance(call.func, cst.Attribute) and is_move_call(call, imports):
+            attribute = self_attribute(call.func.value)
+            if attribute:
+                moved.add(attribute)
+    return moved
 
 
 class TensorAttribute(Rule):
@@ -218,12 +224,13 @@ class Net(nn.Module):
         info = facts(ctx)
         if not info.imports.imports_module("torch"):
             return
+        registered: set[str] | None = None
         for cls in module_classes(ctx):
+            moved: set[str] | None = None
             table = methods(cls)
             init = table.get("__init__")
             if init is None or _MOVING_OVERRIDES & set(table):
                 continue
-            registered, moved = _registered_attributes(cls, ctx)
             self_name = first_param(init) or "self"
             env: dict[str, str | None] = {}
             for small in iter_small(init.body):
@@ -243,15 +250,21 @@ class Net(nn.Module):
                         env[target.value] = kind
                         continue
                     attribute = self_attribute(target, self_name)
-                    if attribute is None or kind is None or attribute in registered:
+                    if attribute is None or kind is None:
                         continue
+                    if registered is None:
+                        registered = _registered_names(ctx)
+                    if attribute in registered:
+                        continue
+                    if moved is None:
+                        moved = _moved_by_hand(cls, ctx)
                     yield self._diagnose(ctx, cls, target, attribute, value, kind, attribute in moved)
 
     def _diagnose(self, ctx: RuleContext, cls: cst.ClassDef, target: cst.BaseExpression, attribute: str,
                   value: cst.BaseExpression, kind: str, moved_by_hand: bool) -> Diagnostic:
         line, column = position(ctx, target)
-        shown = _squash(code(value))
-        fix = f'self.register_buffer("{attribute}", {_squash(code(value), 200)}, persistent=False)'
+        shown = shorten(code(value), 60)
+        fix = f'self.register_buffer("{attribute}", {shorten(code(value), 200)}, persistent=False)'
         if kind == CONTAINER:
             return ctx.diagnostic(
                 self, line, column,

@@ -7,8 +7,8 @@ import libcst as cst
 
 from memlint.diagnostics import Diagnostic
 from memlint.rules._static import (
-    FileFacts, LoopFlow, calls_in, code, device_text, dotted_name, facts, is_moveish_call, keyword,
-    method_name, position, value_root, walk,
+    FileFacts, LoopFlow, call_name, calls_in, code, device_text, dotted_name, facts, is_moveish_call, keyword,
+    method_name, position, shorten, value_root, walk,
 )
 from memlint.rules.base import Rule, RuleContext
 
@@ -25,9 +25,7 @@ def _places_batches_itself(info: FileFacts) -> bool:
     if any(info.imports.imports_module(name) for name in _AUTO_PLACEMENT_MODULES):
         return True
     for call in info.calls:
-        name = call.func.attr.value if isinstance(call.func, cst.Attribute) else (
-            call.func.value if isinstance(call.func, cst.Name) else "")
-        if name in _AUTO_PLACEMENT_CALLS:
+        if call_name(call) in _AUTO_PLACEMENT_CALLS:
             return True
         collate = keyword(call, "collate_fn")
         if collate is not None:
@@ -239,6 +237,6 @@ class Trainer:
         return ctx.diagnostic(
             self, line, column,
             f"{names} from `{loader}` {'is' if len(stale) == 1 else 'are'} passed to `{model}` without being "
-            f"moved to the device, but `{model}` is (`{' '.join(code(move).split())}`, line {move_line}): "
+            f"moved to the device, but `{model}` is (`{shorten(code(move), 60)}`, line {move_line}): "
             f"a device mismatch on the GPU; move the batch first: {fix}",
             fix=fix)

@@ -7,8 +7,8 @@ import libcst as cst
 
 from memlint.diagnostics import Diagnostic, Severity
 from memlint.rules._static import (
-    TENSOR, FileFacts, LoaderLoop, LoopFlow, calls_in, call_name, code, dotted_name, facts, is_sync_call,
-    iter_small, method_name, modulo_guarded_nodes, names_in, position, target_names, tensor_kind, value_root,
+    TENSOR, FileFacts, LoaderLoop, LoopFlow, calls_in, code, dotted_name, facts, is_sync_call,
+    iter_small, method_name, modulo_guarded_nodes, names_in, position, shorten, target_names, tensor_kind, value_root,
 )
 from memlint.rules.base import Rule, RuleContext
 
@@ -71,7 +71,8 @@ computed from them): each one copies a value to the host and makes the CPU wait 
 all queued work, on every step.
 
 Calls inside a block guarded by a modulo test (`if step % 100 == 0:`) are the deliberate "log every N
-steps" pattern and are not reported; neither are calls on batch tensors the loop never moves to the
+steps" pattern and are not reported, nor are those under `if i == 0:` on the `enumerate` counter (one
+step only); neither are calls on batch tensors the loop never moves to the
 device (they are on the CPU already).
 """
     why = """
@@ -186,7 +187,7 @@ for batch in test_dataloader:
         seen: set[int] = set()
         for loop in info.loader_loops():
             body = loop.node.body
-            guarded = modulo_guarded_nodes(body)
+            guarded = modulo_guarded_nodes(body, loop.index)
             flow = LoopFlow(loop, info.imports, models)
             tensors: set[str] | None = None
             for call in calls_in(body):
@@ -214,9 +215,7 @@ for batch in test_dataloader:
     def _sync(self, ctx: RuleContext, call: cst.Call, loop: LoaderLoop) -> Diagnostic:
         line, column = position(ctx, call)
         name = method_name(call)
-        receiver = " ".join(code(call.func.value).split())  # type: ignore[union-attr]
-        if len(receiver) > 40:
-            receiver = receiver[:37] + "..."
+        receiver = shorten(code(call.func.value), 40)  # type: ignore[union-attr]
         if name == "item":
             advice = ("keep running sums on the device (`total += loss.detach()`) and call .item() every N "
                       "steps, inside `if step % N == 0:`")

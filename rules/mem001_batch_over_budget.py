@@ -66,9 +66,30 @@ loader = DataLoader(dataset, batch_size=96)  # the largest batch size that fits
         parts_fit = f"The largest batch size that fits is {model.max_batch_size}." if model.max_batch_size \
             else "No batch size fits: see MEM002."
         action = "training" if model.mode == "train" else "running inference on"
+        per_device = f" per device ({model.strategy} on {model.devices} devices)" \
+            if getattr(model, "strategy", "none") != "none" else ""
+        fix = f"use batch size {model.max_batch_size}" if model.max_batch_size else self.fix
+        checkpointing = checkpointing_help(model)
         yield ctx.diagnostic(self, line, column, (
             f"{action} {model.name} at batch size {model.batch_size} needs ~{format_gib(model.peak_device_bytes, 1)} "
-            f"GiB at peak ({breakdown_text(model.breakdown)}); that is over {model.threshold:.0%} of "
+            f"GiB at peak{per_device} ({breakdown_text(model.breakdown)}); that is over {model.threshold:.0%} of "
             f"{model.target} ({format_gib(model.budget_bytes, 1)} of {format_gib(model.capacity_bytes, 1)} GiB). "
             f"{parts_fit}"),
-            fix=f"use batch size {model.max_batch_size}" if model.max_batch_size else self.fix)
+            fix=f"{fix}; or {checkpointing}" if checkpointing else fix)
+
+
+def checkpointing_help(model) -> str | None:
+    """When checkpointing the top-level blocks would make this batch fit, say which and how much it saves.
+
+    The estimate (memlint/compute.py) per block: the activations it saves for backward minus the
+    input that checkpointing keeps.
+    """
+    blocks = [block for block in getattr(model, "checkpoint_blocks", []) if block.get("saves_bytes")]
+    saves = sum(block["saves_bytes"] for block in blocks)
+    if not blocks or model.peak_device_bytes - saves > model.budget_bytes:
+        return None
+    names = [block["name"] for block in blocks]
+    shown = ", ".join(names[:2]) + (f", ... ({len(names)} blocks)" if len(names) > 2 else "")
+    return (f"keep batch size {model.batch_size} and checkpoint each top-level block ({shown}) with "
+            f"torch.utils.checkpoint(block, x, use_reentrant=False): it would save ~{format_gib(saves, 1)} GiB and "
+            f"fit (memlint --checkpoint-layers simulates it)")

@@ -124,7 +124,9 @@ def test_bf16_mixed_precision_keeps_fp32_weights_and_halves_activations():
     mixed = analyse(workload(mlp, batch=512, shape=(512,), precision="bf16-mixed"), resolve_target("a100-80gb"),
                     0.8, find_max_batch=False)
     assert mixed.breakdown["parameters"] == fp32.breakdown["parameters"]
-    assert mixed.breakdown["activations"] < 0.75 * fp32.breakdown["activations"]
+    # Saved: ReLU's output (halved in bf16) and the first Linear's input, which in fp32 is the batch
+    # itself (counted under `inputs`) and under autocast its bf16 copy (an activation): 0.75 exactly.
+    assert mixed.breakdown["activations"] <= 0.75 * fp32.breakdown["activations"]
 
 
 def test_tied_weights_are_counted_once():

@@ -51,15 +51,21 @@ def report(result: CheckResult, out: TextIO, color: bool) -> None:
 def _model_table(console: Console, model: ModelReport) -> None:
     title = (f"{model.name} ({model.path}) - {model.mode}, batch size {model.batch_size}, optimizer "
              f"{model.optimizer}, {model.precision}, traced with {model.tracer}")
+    if model.strategy != "none":
+        title += f"; per device under {model.strategy} on {model.devices} devices"
+    if model.checkpoint_layers:
+        title += "; top-level blocks checkpointed"
     table = Table(title=title, title_justify="left", show_lines=False)
     for column, justify in (("Layer", "left"), ("Type", "left"), ("Output shape", "left"), ("Params", "right"),
-                            ("Activations saved", "right"), ("% of peak", "right"), ("Defined at", "left")):
+                            ("Activations saved", "right"), ("% of peak", "right"), ("FLOPs fwd", "right"),
+                            ("FLOPs bwd", "right"), ("Defined at", "left")):
         table.add_column(column, justify=justify, overflow="fold")
     for layer in model.layers:
         shape = ", ".join("×".join(map(str, s)) for s in layer.output_shape) if layer.output_shape else ""
         share = layer.activation_bytes / model.peak_allocated_bytes if model.peak_allocated_bytes else 0.0
         table.add_row("  " * layer.depth + layer.name, layer.type, shape, format_bytes(layer.parameter_bytes),
-                      format_bytes(layer.activation_bytes), f"{share:.1%}", _short_source(layer.source))
+                      format_bytes(layer.activation_bytes), f"{share:.1%}", format_flops(layer.flops_forward),
+                      format_flops(layer.flops_backward), _short_source(layer.source))
     console.print(table)
     totals = Table(show_header=False, box=None, padding=(0, 2))
     totals.add_column(justify="left")
@@ -69,6 +75,7 @@ def _model_table(console: Console, model: ModelReport) -> None:
             totals.add_row(label, format_bytes(model.breakdown[key]))
     totals.add_row("peak allocated (torch.cuda.max_memory_allocated)", format_bytes(model.peak_allocated_bytes))
     totals.add_row("peak on the device (with reserve, workspace, context)", format_bytes(model.peak_device_bytes))
+    _compute_rows(totals, model)
     console.print(totals)
     fits = model.peak_device_bytes <= model.budget_bytes
     verdict = "fits" if fits else "does NOT fit"
@@ -77,8 +84,43 @@ def _model_table(console: Console, model: ModelReport) -> None:
         f"({model.threshold:.0%} of {model.target}'s {format_gib(model.capacity_bytes)} GiB); largest batch size "
         f"that fits: {model.max_batch_size if model.max_batch_size else 'none'}",
         style="green" if fits else "red bold", markup=False)
-    for note in model.assumptions:
+    for note in [*model.assumptions, *model.compute_notes]:
         console.print(f"note: {note}", style="dim", markup=False)
+
+
+def format_flops(flops: float | None) -> str:
+    """``12.3 GFLOP``-style, decimal prefixes as FLOP counts are written."""
+    if not flops:
+        return "0"
+    value = float(flops)
+    for unit in ("", "K", "M", "G", "T", "P"):
+        if abs(value) < 1000 or unit == "P":
+            return f"{value:.0f}" if not unit else f"{value:.3g} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1e3:.3g} ms"
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.3g} min"
+    return f"{seconds / 3600:.3g} h"
+
+
+def _compute_rows(totals: Table, model: ModelReport) -> None:
+    """FLOPs, the roofline time (a lower bound) and what checkpointing the blocks would save."""
+    if model.flops_per_step is not None:
+        totals.add_row("FLOPs per step (forward + backward)", format_flops(model.flops_per_step))
+    if model.step_time_s is not None:
+        totals.add_row(f"time per step on {model.target} (lower bound: roofline)", f"≥ {format_seconds(model.step_time_s)}")
+    if model.epoch_time_s is not None:
+        totals.add_row("time per epoch (lower bound)", f"≥ {format_seconds(model.epoch_time_s)}")
+    saves = sum(block.get("saves_bytes", 0) for block in model.checkpoint_blocks)
+    if saves:
+        totals.add_row(f"checkpointing the {len(model.checkpoint_blocks)} top-level blocks would save", f"~{format_bytes(saves)}")
 
 
 def _short_source(source: str | None) -> str:

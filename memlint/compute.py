@@ -1,0 +1,447 @@
+"""FLOPs, bytes moved and a roofline lower bound of the time per training step.
+
+Counted on the simulated step itself (an extra mode of the main simulation), on its last
+iteration (the first one also creates the optimizer state):
+
+* **FLOPs**: ``torch.utils.flop_counter.FlopCounterMode``, i.e. PyTorch's registered formulas
+  (matmuls, convolutions, attention, forward and backward), attributed to modules by its
+  ``ModuleTracker``. Ops it has no formula for (element-wise, norms, the optimizer) count 0.
+  Backward is told from forward by the autograd engine (a running graph task), so
+  recomputation under activation checkpointing counts as backward, where it runs.
+* **Bytes moved**: per op, the bytes of its input and output tensors (views and ``empty``
+  move nothing; an expanded tensor reads its storage once).
+* **Time**: a roofline per op, ``max(flops / peak rate of its dtype, bytes / memory bandwidth)``,
+  summed over the step. A lower bound: no kernel launch latency, no caching effects, no
+  communication, every kernel at the datasheet's peak.
+
+Which rate an fp32 op gets follows PyTorch's defaults: matmuls run in fp32
+(``torch.backends.cuda.matmul.allow_tf32`` is off by default), cuDNN convolutions in TF32
+(``torch.backends.cudnn.allow_tf32`` is on by default) where the target has TF32 tensor cores.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.graph import register_multi_grad_hook
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
+from torch.utils.module_tracker import ModuleTracker
+
+if TYPE_CHECKING:
+    from memlint.report import ModelReport
+    from memlint.simulate import SimulationResult
+    from memlint.targets import Target
+
+aten = torch.ops.aten
+
+DTYPE_KEYS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+for _name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz"):
+    if hasattr(torch, _name):
+        DTYPE_KEYS[getattr(torch, _name)] = "fp8"
+
+# Ops that allocate or alias but move no data.
+_NO_TRAFFIC = {aten.empty, aten.empty_strided, aten.new_empty, aten.new_empty_strided, aten.empty_like,
+               aten.detach, aten.alias, aten.lift_fresh, aten.resize_}
+_CONVOLUTIONS = {aten.convolution, aten._convolution, aten.convolution_backward}
+
+
+def _is_bw() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def _collect(value: Any, into: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors inside an op's arguments or outputs (tuples, lists, dicts); faster than pytree here."""
+    if isinstance(value, torch.Tensor):
+        into.append(value)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _collect(item, into)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _collect(item, into)
+    return into
+
+
+def _tensor_bytes(values: Any) -> int:
+    """Bytes of the tensors in ``values``; an expanded (non-contiguous) tensor counts its storage at most."""
+    total = 0
+    for value in _collect(values, []):
+        nbytes = value.numel() * value.element_size()
+        if nbytes and not value.is_contiguous():
+            nbytes = min(nbytes, value.untyped_storage().nbytes())
+        total += nbytes
+    return total
+
+
+NO_TRAFFIC, VIEW, MUTATES, PRODUCES = range(4)
+
+
+def _traffic(func: Any) -> tuple[int, tuple[tuple[int, str], ...]]:
+    """How an op moves data, from its schema: nothing, a view, writes into arguments, or new outputs."""
+    if func._overloadpacket in _NO_TRAFFIC:
+        return NO_TRAFFIC, ()
+    schema = func._schema
+    mutated = tuple((i, arg.name) for i, arg in enumerate(schema.arguments)
+                    if arg.alias_info is not None and arg.alias_info.is_write)
+    if mutated:
+        return MUTATES, mutated
+    if any(ret.alias_info is not None for ret in schema.returns):
+        return VIEW, ()
+    return PRODUCES, ()
+
+
+class Roofline:
+    """Peak rates of a target and the rule that picks one for an op."""
+
+    def __init__(self, target: "Target") -> None:
+        self.peaks = dict(target.peak_flops)
+        self.bandwidth = target.memory_bandwidth
+        self.matmul_tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+        self.conv_tf32 = bool(torch.backends.cudnn.allow_tf32)
+        self.fallbacks: set[str] = set()
+
+    @property
+    def usable(self) -> bool:
+        return self.bandwidth > 0 and "fp32" in self.peaks
+
+    def rate(self, dtype: torch.dtype | None, convolution: bool) -> float:
+        key = DTYPE_KEYS.get(dtype, "fp32") if dtype is not None else "fp32"
+        if key == "fp32" and (self.conv_tf32 if convolution else self.matmul_tf32) and "tf32" in self.peaks:
+            key = "tf32"
+        if key not in self.peaks:
+            self.fallbacks.add(key)
+            key = "fp32"
+        return self.peaks.get(key, 0.0)
+
+    def seconds(self, flops: int, nbytes: int, dtype: torch.dtype | None, convolution: bool) -> tuple[float, bool]:
+        """The op's lower bound and whether compute (not memory) bounds it."""
+        compute = flops / self.rate(dtype, convolution) if flops else 0.0
+        memory = nbytes / self.bandwidth if self.bandwidth else 0.0
+        return max(compute, memory), compute > memory
+
+    def notes(self) -> list[str]:
+        notes = ["time per step is a roofline lower bound: each op at the target's peak rate or memory "
+                 "bandwidth, whichever binds; no launch latency, no communication"]
+        if "tf32" in self.peaks:
+            notes.append(f"fp32 matmuls at the {'tf32' if self.matmul_tf32 else 'fp32'} rate "
+                         f"(torch.backends.cuda.matmul.allow_tf32={self.matmul_tf32}; PyTorch's default is False), "
+                         f"fp32 convolutions at the {'tf32' if self.conv_tf32 else 'fp32'} rate "
+                         f"(torch.backends.cudnn.allow_tf32={self.conv_tf32}; PyTorch's default is True)")
+        for key in sorted(self.fallbacks):
+            notes.append(f"the target publishes no {key} rate: {key} ops timed at its fp32 rate")
+        return notes
+
+
+class _AttentionCosts(TorchFunctionMode):
+    """Counts ``scaled_dot_product_attention``, which the simulation replaces by a stand-in kernel.
+
+    The stand-in (memlint/gpu_kernels.py) only allocates, so FlopCounterMode would see no
+    attention op: the costs of the CUDA kernel (PyTorch's formulas for the memory-efficient
+    kernel, forward and backward) are added here, backward when its gradient arrives.
+    """
+
+    def __init__(self, counter: "StepCounter") -> None:
+        super().__init__()
+        self.counter = counter
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.scaled_dot_product_attention and isinstance(out, torch.Tensor):
+            self.counter.count_attention(args, kwargs, out)
+        return out
+
+
+class _StepModuleTracker(ModuleTracker):
+    """FlopCounterMode's ModuleTracker, told when a step starts, idle in steps that are not counted,
+    and safe under activation checkpointing.
+
+    ModuleTracker hooks every module's inputs and outputs for backward (holding their grad_fn).
+    When checkpointing recomputes a forward inside backward, those recomputed tensors' graph
+    never runs, so the hooks would keep the recomputed activations alive for good. During
+    recomputation this tracker only keeps the module names current for attribution.
+    """
+
+    def __init__(self, counter: "StepCounter") -> None:
+        super().__init__()
+        self.counter = counter
+        self._recomputing: list[tuple[str, bool]] = []
+
+    def _fw_pre_hook(self, mod: torch.nn.Module, input: Any) -> None:
+        backward = _is_bw()
+        if mod is self.counter.model and not backward:
+            self.counter.start_step()
+        if not self.counter.active:
+            return None
+        if not backward:
+            return super()._fw_pre_hook(mod, input)
+        name = self._get_mod_name(mod)
+        added = name not in self.parents
+        self._recomputing.append((name, added))
+        if added:
+            self.parents.add(name)
+        return None
+
+    def _fw_post_hook(self, mod: torch.nn.Module, input: Any, output: Any) -> None:
+        if not self.counter.active:
+            return None
+        if not _is_bw():
+            return super()._fw_post_hook(mod, input, output)
+        if self._recomputing:
+            name, added = self._recomputing.pop()
+            if added:
+                self.parents.discard(name)
+        return None
+
+
+def _can_decompose(func: Any) -> bool:
+    try:
+        return bool(func._can_decompose())
+    except (AttributeError, RuntimeError):  # e.g. prim::device, which has no dispatcher entry
+        return False
+
+
+class _CountingMode(_FlopCounterMode):
+    """FlopCounterMode's dispatch mode, with one dictionary lookup per op on the common path.
+
+    FlopCounterMode decomposes ops that have no FLOP formula but a CompositeImplicitAutograd
+    kernel, to count the matmuls inside. The first time such an op runs, its decomposition is
+    probed (on the same fake tensors, outside the simulation's recording); only when it holds
+    counted ops does it go through FlopCounterMode's own dispatch (as do higher-order operators).
+    The others (batch norm, for one) run as one op, as the GPU runs them.
+    """
+
+    def __init__(self, counter: "StepCounter") -> None:
+        super().__init__(counter)
+        self.ops: dict[Any, tuple[bool, int, tuple[tuple[int, str], ...]]] = {}
+
+    def _classify(self, func: Any, args: tuple, kwargs: dict) -> tuple[bool, int, tuple[tuple[int, str], ...]]:
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            return True, PRODUCES, ()
+        special = False
+        if func not in self.counter.flop_registry and _can_decompose(func):
+            probe = FlopCounterMode(display=False)
+            try:
+                with probe:
+                    func.decompose(*args, **kwargs)
+                special = probe.get_total_flops() > 0
+            except Exception:  # a decomposition that cannot run here: count the op as it is
+                special = False
+        return (special, *_traffic(func))
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        kind = self.ops.get(func)
+        if kind is None:
+            kind = self.ops[func] = self._classify(func, args, kwargs)
+        if kind[0]:
+            return super().__torch_dispatch__(func, types, args, kwargs)
+        out = func(*args, **kwargs)
+        if self.counter.active:
+            self.counter.count_op(func._overloadpacket, kind[1], kind[2], out, args, kwargs)
+        return out
+
+
+class StepCounter(FlopCounterMode):
+    """FlopCounterMode that also keeps, per module and phase, the bytes moved and the roofline time.
+
+    Pass it to ``simulate_step`` as an extra mode. Counts restart whenever the root module's
+    forward starts (outside backward), so they describe the last simulated step.
+    """
+
+    def __init__(self, model: torch.nn.Module, target: "Target", blocks: list[str] = (), iterations: int = 1) -> None:
+        super().__init__(display=False)
+        self.mod_tracker = _StepModuleTracker(self)
+        self.model = model
+        self.iterations = max(1, iterations)  # the simulation's steps: only the last one is counted
+        self.active = False
+        self.roofline = Roofline(target)
+        self.root = type(model).__name__
+        self.blocks = list(blocks)
+        self.block_inputs: dict[str, int] = {}
+        self._attention = _AttentionCosts(self)
+        self._handles: list[Any] = []
+        self._names: dict[frozenset[str], tuple[str, ...]] = {}
+        self.steps = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        self.flop_counts.clear()
+        # (modules running, backward?) -> [flops, bytes]; spread over module names when read.
+        self._by_scope: dict[tuple[frozenset[str], bool], list[int]] = defaultdict(lambda: [0, 0])
+        self.total_flops = 0
+        self.total_bytes = 0
+        self.seconds = 0.0
+        self.compute_bound_seconds = 0.0
+
+    # -- context -------------------------------------------------------------------------------
+    def __enter__(self) -> "StepCounter":
+        self.flop_counts.clear()
+        self.mod_tracker.__enter__()
+        self.mode = _CountingMode(self)
+        self.mode.__enter__()
+        self._attention.__enter__()
+        modules = dict(self.model.named_modules())
+        for name in self.blocks:
+            self._handles.append(modules[name].register_forward_pre_hook(
+                lambda _m, args, kwargs, name=name: self._on_block(name, args, kwargs), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: Any) -> Any:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._attention.__exit__(*exc)
+        assert self.mode is not None
+        result = self.mode.__exit__(*exc)
+        self.mode = None
+        self.mod_tracker.__exit__()
+        return result
+
+    def start_step(self) -> None:
+        """The root module's forward starts (outside backward): a new step."""
+        self.steps += 1
+        self.active = self.steps >= self.iterations
+        self._reset()
+
+    def _on_block(self, name: str, args: Any, kwargs: Any) -> None:
+        if not _is_bw():
+            self.block_inputs[name] = _tensor_bytes((args, kwargs))
+
+    # -- counting ------------------------------------------------------------------------------
+    def _module_names(self, parents: frozenset[str]) -> tuple[str, ...]:
+        names = self._names.get(parents)
+        if names is None:
+            prefix = self.root + "."
+            names = self._names[parents] = tuple(
+                "(model)" if parent == self.root else parent[len(prefix):]
+                for parent in parents if parent == self.root or parent.startswith(prefix))
+        return names
+
+    def _totals(self, backward: bool | None) -> dict[str, int]:
+        totals: dict[str, int] = defaultdict(int)
+        for (parents, is_backward), (flops, nbytes) in self._by_scope.items():
+            value = nbytes if backward is None else flops if is_backward == backward else 0
+            if value:
+                for name in self._module_names(parents):
+                    totals[name] += value
+        return totals
+
+    @property
+    def forward(self) -> dict[str, int]:
+        return self._totals(False)
+
+    @property
+    def backward(self) -> dict[str, int]:
+        return self._totals(True)
+
+    @property
+    def moved(self) -> dict[str, int]:
+        return self._totals(None)
+
+    def _add(self, flops: int, nbytes: int, dtype: torch.dtype | None, convolution: bool) -> None:
+        scope = self._by_scope[(frozenset(self.mod_tracker.parents), _is_bw())]
+        scope[0] += flops
+        scope[1] += nbytes
+        self.total_flops += flops
+        self.total_bytes += nbytes
+        if self.roofline.usable:
+            seconds, compute_bound = self.roofline.seconds(flops, nbytes, dtype, convolution)
+            self.seconds += seconds
+            if compute_bound:
+                self.compute_bound_seconds += seconds
+
+    def _count_flops(self, func_packet: Any, out: Any, args: tuple, kwargs: dict) -> Any:
+        """FlopCounterMode's own path (decomposed ops, higher-order operators)."""
+        if self.active:
+            mutates = getattr(func_packet, "__name__", "").endswith("_")
+            self.count_op(func_packet, MUTATES if mutates else PRODUCES, ((0, "self"),) if mutates else (), out, args,
+                          kwargs)
+        return out
+
+    def count_op(self, func_packet: Any, traffic: int, mutated: tuple[tuple[int, str], ...], out: Any, args: tuple,
+                 kwargs: dict) -> None:
+        flops = 0
+        if func_packet in self.flop_registry:
+            flops = self.flop_registry[func_packet](*args, **kwargs, out_val=out)
+            for parent in set(self.mod_tracker.parents):
+                self.flop_counts[parent][func_packet] += flops
+        inputs = _collect(args, [])
+        if kwargs:
+            _collect(kwargs, inputs)
+        dtype = next((t.dtype for t in inputs if t.is_floating_point()), None)
+        if traffic == NO_TRAFFIC or traffic == VIEW:
+            nbytes = 0
+        elif traffic == MUTATES:  # reads its inputs, writes the arguments it mutates
+            written = [args[i] if i < len(args) else kwargs.get(name) for i, name in mutated]
+            nbytes = _tensor_bytes(inputs) + _tensor_bytes(written)
+        else:
+            outputs = _collect(out, [])  # none: a metadata query (prim.device, ...), which moves nothing
+            nbytes = _tensor_bytes(inputs) + _tensor_bytes(outputs) if outputs else 0
+        self._add(flops, nbytes, dtype, func_packet in _CONVOLUTIONS)
+
+    def count_attention(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        if not self.active:
+            return
+        names = ("query", "key", "value")
+        query, key, value = (args[i] if i < len(args) else kwargs[names[i]] for i in range(3))
+        shapes = (query.shape, key.shape, value.shape)
+        forward = self.flop_registry[aten._scaled_dot_product_efficient_attention](*shapes, out_val=out)
+        moved = _tensor_bytes((query, key, value, out))
+        self._add(forward, moved, query.dtype, False)
+        for parent in set(self.mod_tracker.parents):
+            self.flop_counts[parent][aten._scaled_dot_product_efficient_attention] += forward
+        inputs = [t for t in (query, key, value) if t.requires_grad]
+        if inputs and not _is_bw():  # (a recomputed output's own graph never runs backward)
+            backward = self.flop_registry[aten._scaled_dot_product_efficient_attention_backward](
+                out.shape, *shapes, out_val=None)
+            dtype = query.dtype
+            # q, k, v, out and d(out) read; dq, dk, dv written.
+            traffic = moved + _tensor_bytes(out) + _tensor_bytes((query, key, value))
+
+            def on_grad(_grad: Any) -> None:
+                self._add(backward, traffic, dtype, False)
+                for parent in set(self.mod_tracker.parents):
+                    self.flop_counts[parent][aten._scaled_dot_product_efficient_attention_backward] += backward
+            # When the first input gradient exists, the attention backward has just run.
+            register_multi_grad_hook(inputs, on_grad, mode="any")
+
+
+def annotate(report: "ModelReport", counter: StepCounter, result: "SimulationResult", *, data_parallel: int = 1,
+             epoch_size: int | None = None, checkpointed: bool = False) -> None:
+    """Fill the report's FLOPs, bytes, step and epoch times and the per-block checkpointing estimate."""
+    for layer in report.layers:
+        layer.flops_forward = counter.forward.get(layer.name, 0)
+        layer.flops_backward = counter.backward.get(layer.name, 0)
+        layer.bytes_moved = counter.moved.get(layer.name, 0)
+    report.flops_per_step = counter.total_flops
+    report.bytes_per_step = counter.total_bytes
+    if counter.roofline.usable and counter.steps:
+        report.step_time_s = counter.seconds
+        report.compute_notes = counter.roofline.notes()
+        if epoch_size:
+            steps = math.ceil(epoch_size / (report.batch_size * max(1, data_parallel)))
+            report.epoch_time_s = steps * counter.seconds
+    elif not counter.roofline.usable:
+        report.compute_notes = [f"{report.target} publishes no fp32 rate or memory bandwidth: no time estimate"]
+    if report.mode == "train" and not checkpointed:
+        report.checkpoint_blocks = checkpoint_savings(counter.blocks, result.activation_bytes_by_module,
+                                                      counter.block_inputs)
+
+
+def checkpoint_savings(blocks: list[str], saved_by_module: dict[str, int], inputs: dict[str, int]) -> list[dict]:
+    """Per block: what it saves for backward, and what checkpointing it would save.
+
+    Checkpointing a block keeps only its input and recomputes the rest in backward, so the
+    estimate is the activation bytes of the block (and its children) minus the input it keeps.
+    """
+    rows = []
+    for name in blocks:
+        saved = sum(size for owner, size in saved_by_module.items() if owner == name or owner.startswith(name + "."))
+        kept = inputs.get(name, 0)
+        rows.append({"name": name, "activation_bytes": saved, "input_bytes": kept, "saves_bytes": max(0, saved - kept)})
+    return rows
