@@ -124,6 +124,12 @@ import torch
 model = Net().to("cuda:0")
 loader = torch.utils.data.DataLoader(ds, num_workers=2, pin_memory=False)
 """,
+        # a DDP script: the model moves to a local rank, the loader has no workers
+        """
+from torch.utils.data import DataLoader
+model = Net().to(local_rank)
+loader = DataLoader(ds, batch_size=32, pin_memory=True)
+""",
     )
 
     def check(self, ctx: RuleContext) -> Iterator[Diagnostic]:
