@@ -418,15 +418,20 @@ def annotate(report: "ModelReport", counter: StepCounter, result: "SimulationRes
         layer.flops_forward = counter.forward.get(layer.name, 0)
         layer.flops_backward = counter.backward.get(layer.name, 0)
         layer.bytes_moved = counter.moved.get(layer.name, 0)
+    if counter.steps < counter.iterations:  # the simulation ran fewer steps than planned: nothing counted
+        return
     report.flops_per_step = counter.total_flops
     report.bytes_per_step = counter.total_bytes
-    if counter.roofline.usable and counter.steps:
+    if counter.roofline.usable:
         report.step_time_s = counter.seconds
         report.compute_notes = counter.roofline.notes()
+        if counter.seconds:
+            report.compute_notes.append(f"{counter.compute_bound_seconds / counter.seconds:.0%} of that time is "
+                                        "bound by compute, the rest by memory bandwidth")
         if epoch_size:
             steps = math.ceil(epoch_size / (report.batch_size * max(1, data_parallel)))
             report.epoch_time_s = steps * counter.seconds
-    elif not counter.roofline.usable:
+    else:
         report.compute_notes = [f"{report.target} publishes no fp32 rate or memory bandwidth: no time estimate"]
     if report.mode == "train" and not checkpointed:
         report.checkpoint_blocks = checkpoint_savings(counter.blocks, result.activation_bytes_by_module,

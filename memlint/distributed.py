@@ -100,9 +100,6 @@ class Strategy:
     def shard(self, nbytes: int) -> int:
         return math.ceil(nbytes / self.devices)
 
-    def describe(self) -> str:
-        return f"{self.name} on {self.devices} devices (per device)"
-
 
 def plan_strategy(model: nn.Module, name: str, devices: int, blocks: list[str] | None = None) -> Strategy | None:
     """The strategy's plan for this model; None for ``none``."""
@@ -312,7 +309,11 @@ def _gathers_and_reductions(ledger: Ledger, strategy: Strategy, marks: list[tupl
                 before[at].append((FREE, gathered.pop(unit), ""))
 
         def reduce(unit: int, at: int) -> None:
-            sids = [sid for sid in pending.pop(unit, []) if allocated_at[sid] < at and freed_at.get(sid, end) > at]
+            waiting = pending.pop(unit, [])
+            later = [sid for sid in waiting if allocated_at[sid] >= at]  # not computed yet: reduced later
+            if later:
+                pending[unit] = later
+            sids = [sid for sid in waiting if allocated_at[sid] < at and freed_at.get(sid, end) > at]
             if not sids:
                 return
             flat = new(sum(storages[sid].nbytes for sid in sids), "temporaries", strategy.units[unit].name or None,
