@@ -25,9 +25,7 @@ from collections import defaultdict
 from typing import Any, TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.graph import register_multi_grad_hook
-from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 from torch.utils.module_tracker import ModuleTracker
 
@@ -136,34 +134,54 @@ class Roofline:
         return notes
 
 
-class _AttentionCosts(TorchFunctionMode):
+class _AttentionCosts:
     """Counts ``scaled_dot_product_attention``, which the simulation replaces by a stand-in kernel.
 
-    The stand-in (memlint/gpu_kernels.py) only allocates, so FlopCounterMode would see no
-    attention op: the costs of the CUDA kernel (PyTorch's formulas for the memory-efficient
-    kernel, forward and backward) are added here, backward when its gradient arrives.
+    The stand-in (``memlint.gpu_kernels._gpu_sdpa``) only allocates, so FlopCounterMode would see
+    no attention op: while the counter is active, the stand-in is wrapped to add the costs of the
+    CUDA kernel (PyTorch's formulas for the memory-efficient kernel, forward and backward). A
+    wrapper rather than one more TorchFunctionMode: a second mode changes which ops the simulation
+    dispatches (``prim.device`` queries of tensor indexing) and so the recorded event sequence.
     """
 
     def __init__(self, counter: "StepCounter") -> None:
-        super().__init__()
         self.counter = counter
+        self.original: Any = None
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func is F.scaled_dot_product_attention and isinstance(out, torch.Tensor):
-            self.counter.count_attention(args, kwargs, out)
-        return out
+    def __enter__(self) -> None:
+        from memlint import gpu_kernels
+
+        self.original = getattr(gpu_kernels, "_gpu_sdpa", None)
+        if self.original is None:
+            return
+        original, counter = self.original, self.counter
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            if isinstance(out, torch.Tensor):
+                counter.count_attention(args, kwargs, out)
+            return out
+        gpu_kernels._gpu_sdpa = counted
+
+    def __exit__(self, *exc: Any) -> None:
+        from memlint import gpu_kernels
+
+        if self.original is not None:
+            gpu_kernels._gpu_sdpa = self.original
+            self.original = None
 
 
 class _StepModuleTracker(ModuleTracker):
     """FlopCounterMode's ModuleTracker, told when a step starts, idle in steps that are not counted,
-    and safe under activation checkpointing.
+    and neutral to the memory the simulation records.
 
-    ModuleTracker hooks every module's inputs and outputs for backward (holding their grad_fn).
-    When checkpointing recomputes a forward inside backward, those recomputed tensors' graph
-    never runs, so the hooks would keep the recomputed activations alive for good. During
-    recomputation this tracker only keeps the module names current for attribution.
+    ModuleTracker hooks every module's inputs and outputs for backward in "all" mode, which holds
+    each gradient until its siblings arrive and holds the grad_fns: that would change when the
+    simulation sees gradients freed (and break the interpolation between two batch sizes, which
+    needs identical event sequences). This tracker hooks them in "any" mode, which holds nothing: a
+    module's backward starts with its first output gradient and ends with its first input gradient.
+    When checkpointing recomputes a forward inside backward, the recomputed tensors' graph never
+    runs, so no hooks are put on them; the module names are only kept current for attribution.
     """
 
     def __init__(self, counter: "StepCounter") -> None:
@@ -171,31 +189,39 @@ class _StepModuleTracker(ModuleTracker):
         self.counter = counter
         self._recomputing: list[tuple[str, bool]] = []
 
+    def _hook(self, values: Any, fn: Any) -> None:
+        tensors = [t for t in _collect(values, []) if t.requires_grad]
+        if tensors:
+            self._hooks.append(register_multi_grad_hook(tensors, fn, mode="any"))
+
     def _fw_pre_hook(self, mod: torch.nn.Module, input: Any) -> None:
         backward = _is_bw()
         if mod is self.counter.model and not backward:
             self.counter.start_step()
         if not self.counter.active:
-            return None
-        if not backward:
-            return super()._fw_pre_hook(mod, input)
+            return
         name = self._get_mod_name(mod)
+        if not backward:
+            self._get_append_fn(name, False)()
+            self._hook(input, self._get_pop_fn(name, True))
+            return
         added = name not in self.parents
         self._recomputing.append((name, added))
         if added:
             self.parents.add(name)
-        return None
 
     def _fw_post_hook(self, mod: torch.nn.Module, input: Any, output: Any) -> None:
         if not self.counter.active:
-            return None
+            return
         if not _is_bw():
-            return super()._fw_post_hook(mod, input, output)
+            name = self._get_mod_name(mod)
+            self._get_pop_fn(name, False)()
+            self._hook(output, self._get_append_fn(name, True))
+            return
         if self._recomputing:
             name, added = self._recomputing.pop()
             if added:
                 self.parents.discard(name)
-        return None
 
 
 def _can_decompose(func: Any) -> bool:

@@ -69,12 +69,13 @@ class Evaluation:
     """One batch size through the memory model: the allocator's verdict under the budget.
 
     ``reserved`` is what the caching allocator holds at peak on this target: under the cap
-    when the step fits, else the smallest cap under which it would run.
+    when the step fits, else (when asked for, see ``Estimator.evaluate``) the smallest cap
+    under which it would run. ``allocator`` is None for a step that does not fit and was not sized.
     """
 
     fits: bool
     reserved: int
-    allocator: CachingAllocatorModel
+    allocator: CachingAllocatorModel | None
 
 
 class Estimator:
@@ -122,21 +123,25 @@ class Estimator:
         """Bytes the caching allocator may reserve: the budget less what lives outside it."""
         return self.target.budget_bytes(self.threshold) - self.target.context_bytes - self.target.workspace_bytes
 
-    def evaluate(self, batch_size: int, ledger: Ledger | None = None) -> Evaluation:
+    def evaluate(self, batch_size: int, ledger: Ledger | None = None, *, sized: bool = False) -> Evaluation:
         """Replay a step through the allocator model capped at the budget, as a real card would run it.
 
         Under the cap the allocator frees its cached segments before giving up, so a step
-        fits when that replay succeeds; its reserved peak is then what the card holds.
+        fits when that replay succeeds; its reserved peak is then what the card holds. What a
+        step that does not fit would need costs a bisection of replays, so it is computed only
+        when ``sized`` (for the reported batch size), not for every probe of the batch search.
         """
-        if batch_size not in self.evaluations:
+        known = self.evaluations.get(batch_size)
+        if known is None or (sized and known.allocator is None):
             ledger = ledger or self._ledger_for(batch_size)
             try:
-                allocator = replay_allocator(ledger, cap_bytes=self.allocator_cap(), extra_bytes=self.workspace)
+                allocator: CachingAllocatorModel | None = replay_allocator(
+                    ledger, cap_bytes=self.allocator_cap(), extra_bytes=self.workspace)
                 fits = True
             except OutOfMemory:
-                allocator = smallest_sufficient_cap(ledger, self.workspace)
+                allocator = smallest_sufficient_cap(ledger, self.workspace) if sized else None
                 fits = False
-            self.evaluations[batch_size] = Evaluation(fits, allocator.peak_reserved, allocator)
+            self.evaluations[batch_size] = Evaluation(fits, allocator.peak_reserved if allocator else 0, allocator)
         return self.evaluations[batch_size]
 
     def _ledger_for(self, batch_size: int) -> Ledger:
@@ -282,7 +287,7 @@ def analyse(workload: Workload, target: Target, threshold: float, depth: int = 3
     peaks = ledger.peak_per_iteration(round_size)
     worst_iteration = max(range(len(peaks)), key=peaks.__getitem__)
     peak = ledger.replay(round_size, start=ledger.iteration_marks[worst_iteration])
-    evaluation = estimator.evaluate(workload.batch_size, ledger)
+    evaluation = estimator.evaluate(workload.batch_size, ledger, sized=True)
     peak_allocated = peak.total + estimator.workspace
     breakdown = {role: peak.by_role.get(role, 0) for role in
                  ("parameters", "buffers", "gradients", "optimizer_state", "activations", "inputs", "temporaries")}

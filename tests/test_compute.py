@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import memlint
 from memlint.blocks import top_level_blocks
-from memlint.estimator import Workload, analyse
+from memlint.estimator import Estimator, Workload, analyse
 from memlint.report import ModelReport
 from memlint.targets import resolve_target
 
@@ -88,6 +88,22 @@ def test_bytes_moved_count_inputs_and_outputs_not_views():
     activations = 8 * 256 * 4
     assert layers["0"].bytes_moved == weights + 2 * activations  # x and W, b read; y written
     assert layers["1"].bytes_moved == 0  # a view
+
+
+def test_counting_leaves_the_recorded_step_unchanged():
+    """The counter rides along the memory simulation: it must not move a single allocation or free
+    (the largest-batch search interpolates between a counted and an uncounted simulation)."""
+    import transformers
+
+    config = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2,
+                                     intermediate_size=128, vocab_size=100)
+    estimator = Estimator(workload(lambda: transformers.BertModel(config), 2,
+                                   inputs=lambda b: torch.randint(0, 100, (b, 16))), resolve_target("h100-80gb"), 1.0)
+    estimator.simulate(2)  # the first simulation of a fake mode records a few more metadata ops (a cold cache)
+    counted = estimator.simulate(2, (estimator.scale.step_counter(),)).ledger
+    plain = estimator.simulate(2).ledger
+    assert counted.events == plain.events
+    assert [s.nbytes for s in counted.storages] == [s.nbytes for s in plain.storages]
 
 
 def test_step_time_is_monotone_in_the_batch_and_a_lower_bound_note_is_given():
