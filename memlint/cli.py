@@ -30,6 +30,28 @@ def _codes(text: str) -> tuple[str, ...]:
     return tuple(code.strip().upper() for code in text.split(",") if code.strip())
 
 
+def add_analysis_options(parser: argparse.ArgumentParser) -> None:
+    """The options that shape a model analysis, shared by ``check`` and ``report``."""
+    parser.add_argument("--target", action="append", dest="targets", metavar="NAME[:SIZE]",
+                        help="device to judge against (repeatable), e.g. gtx1050ti, cpu:8GiB, mem:4GiB")
+    parser.add_argument("--batch-size", type=int, help="batch size of the simulated step")
+    parser.add_argument("--input-shape", help="per-sample input shape, e.g. 3,224,224")
+    parser.add_argument("--input-dtype", choices=INPUT_DTYPES)
+    parser.add_argument("--optimizer", choices=OPTIMIZERS)
+    parser.add_argument("--precision", choices=PRECISIONS)
+    parser.add_argument("--mode", choices=MODES)
+    parser.add_argument("--threshold", type=float, help="share of the target's memory a plan may use (default 0.8)")
+    parser.add_argument("--model", help="the class or function in the file to analyse")
+    parser.add_argument("--depth", type=int, help="module depth shown in the layer table (default 3)")
+    parser.add_argument("--timeout", type=float, help="seconds per analysed file (default 60)")
+    parser.add_argument("--memory-limit", help="memory limit of the analysis process (default 8GiB; 'none')")
+    parser.add_argument("--strategy", choices=STRATEGIES,
+                        help="data parallelism to judge per device: ddp, fsdp, zero1, zero2, zero3 (default none)")
+    parser.add_argument("--devices", type=int, help="number of devices of --strategy (default 1)")
+    parser.add_argument("--checkpoint-layers", action="store_true", default=None,
+                        help="simulate with each top-level block under activation checkpointing")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from memlint.reporters import FORMATS
 
@@ -39,26 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="analyse model files and lint training code")
     check.add_argument("paths", nargs="*", default=["."], help="files or directories (default: .)")
-    check.add_argument("--target", action="append", dest="targets", metavar="NAME[:SIZE]",
-                       help="device to judge against (repeatable), e.g. gtx1050ti, cpu:8GiB, mem:4GiB")
-    check.add_argument("--batch-size", type=int, help="batch size of the simulated step")
-    check.add_argument("--input-shape", help="per-sample input shape, e.g. 3,224,224")
-    check.add_argument("--input-dtype", choices=INPUT_DTYPES)
-    check.add_argument("--optimizer", choices=OPTIMIZERS)
-    check.add_argument("--precision", choices=PRECISIONS)
-    check.add_argument("--mode", choices=MODES)
-    check.add_argument("--threshold", type=float, help="share of the target's memory a plan may use (default 0.8)")
-    check.add_argument("--model", help="the class or function in the file to analyse")
+    add_analysis_options(check)
     check.add_argument("--select", type=_codes, help="rule codes or prefixes to enable (default ALL)")
     check.add_argument("--ignore", type=_codes, help="rule codes or prefixes to disable")
-    check.add_argument("--depth", type=int, help="module depth shown in the layer table (default 3)")
-    check.add_argument("--timeout", type=float, help="seconds per analysed file (default 60)")
-    check.add_argument("--memory-limit", help="memory limit of the analysis process (default 8GiB; 'none')")
-    check.add_argument("--strategy", choices=STRATEGIES,
-                       help="data parallelism to judge per device: ddp, fsdp, zero1, zero2, zero3 (default none)")
-    check.add_argument("--devices", type=int, help="number of devices of --strategy (default 1)")
-    check.add_argument("--checkpoint-layers", action="store_true", default=None,
-                       help="simulate with each top-level block under activation checkpointing")
     check.add_argument("--epoch-size", type=int, help="samples per epoch, for the time per epoch")
     check.add_argument("--no-import", action="store_true", default=None,
                        help="never import or run the analysed files: static rules only")

@@ -11,32 +11,16 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from memlint.errors import ModelError, UsageError
-from memlint.settings import INPUT_DTYPES, MODES, OPTIMIZERS, PRECISIONS, STRATEGIES
 
 DEFAULT_OUTPUT = "memlint-report.html"
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
+    from memlint.cli import add_analysis_options
+
     report = commands.add_parser("report", help="write an HTML page: memory timeline and per-layer bars")
     report.add_argument("file", help="the model file to analyse")
-    report.add_argument("--target", action="append", dest="targets", metavar="NAME[:SIZE]",
-                        help="device to judge against (repeatable), e.g. gtx1050ti, cpu:8GiB, mem:4GiB")
-    report.add_argument("--batch-size", type=int, help="batch size of the simulated step")
-    report.add_argument("--input-shape", help="per-sample input shape, e.g. 3,224,224")
-    report.add_argument("--input-dtype", choices=INPUT_DTYPES)
-    report.add_argument("--optimizer", choices=OPTIMIZERS)
-    report.add_argument("--precision", choices=PRECISIONS)
-    report.add_argument("--mode", choices=MODES)
-    report.add_argument("--threshold", type=float, help="share of the target's memory a plan may use (default 0.8)")
-    report.add_argument("--model", help="the class or function in the file to analyse")
-    report.add_argument("--strategy", choices=STRATEGIES,
-                        help="data parallelism to judge per device: ddp, fsdp, zero1, zero2, zero3 (default none)")
-    report.add_argument("--devices", type=int, help="number of devices of --strategy (default 1)")
-    report.add_argument("--checkpoint-layers", action="store_true", default=None,
-                        help="simulate with each top-level block under activation checkpointing")
-    report.add_argument("--depth", type=int, help="module depth of the per-layer bars (default 3)")
-    report.add_argument("--timeout", type=float, help="seconds for the analysis (default 60)")
-    report.add_argument("--memory-limit", help="memory limit of the analysis process (default 8GiB; 'none')")
+    add_analysis_options(report)
     report.add_argument("-o", "--output-file", default=DEFAULT_OUTPUT, help=f"the page to write ({DEFAULT_OUTPUT})")
     report.add_argument("--config", help="pyproject.toml to read [tool.memlint] from")
     report.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")

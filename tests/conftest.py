@@ -14,6 +14,27 @@ REPO = Path(__file__).resolve().parent.parent
 MODELS = Path(__file__).resolve().parent / "models"
 
 
+# A minimal model file that analyses quickly, for tests of the command's behaviour.
+MODEL = textwrap.dedent("""
+    import torch
+    from torch import nn
+
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.layer(x)
+""").lstrip()
+
+
+def line_of(path: Path, snippet: str) -> int:
+    """1-based number of the first line of ``path`` that contains ``snippet``."""
+    return next(number for number, line in enumerate(path.read_text().splitlines(), 1) if snippet in line)
+
+
 class Run:
     def __init__(self, done: subprocess.CompletedProcess) -> None:
         self.code = done.returncode

@@ -11,33 +11,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
-from conftest import memlint
+from conftest import MODEL, line_of, memlint
 
 HERE = Path(__file__).resolve().parent
-
-MODEL = textwrap.dedent("""
-    import torch
-    from torch import nn
-
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = nn.Linear(64, 10)
-
-        def forward(self, x):
-            return self.layer(x)
-""").lstrip()
-
-
-def line_of(path: Path, snippet: str) -> int:
-    """1-based number of the first line of ``path`` that contains ``snippet``."""
-    return next(number for number, line in enumerate(path.read_text().splitlines(), 1) if snippet in line)
-
 
 def output(run) -> str:
     text = run.out + run.err

@@ -19,26 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, memlint
-
-MODEL = textwrap.dedent("""
-    import torch
-    from torch import nn
-
-
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = nn.Linear(64, 10)
-
-        def forward(self, x):
-            return self.layer(x)
-""").lstrip()
-
-
-def line_of(path: Path, snippet: str) -> int:
-    return next(number for number, line in enumerate(path.read_text().splitlines(), 1) if snippet in line)
-
+from conftest import MODEL, REPO, line_of, memlint
 
 def alive(pid: int) -> bool:
     """True while the process exists and is not a zombie (containers may never reap those)."""
