@@ -325,24 +325,18 @@ def _gathers_and_reductions(ledger: Ledger, strategy: Strategy, marks: list[tupl
                 free_as[sid] = shard
             before[at].append((FREE, flat, ""))
 
-        forward_order = [u for _, k, u in moments if k == FWD_PRE]
-        backward_order = [u for _, k, u in moments if k == BWD_PRE]
-        seen_forward = seen_backward = 0
+        # Each unit is gathered when its forward (or backward) starts, with the next one prefetched.
+        orders = {pre: [u for _, k, u in moments if k == pre] for pre in (FWD_PRE, BWD_PRE)}
+        seen = dict.fromkeys(orders, 0)
         for at, kind, unit in moments:
-            if kind == FWD_PRE:
+            if kind in orders:
                 gather(unit, at)
-                seen_forward += 1
-                following = [u for u in forward_order[seen_forward:] if u != root]
+                seen[kind] += 1
+                following = [u for u in orders[kind][seen[kind]:] if u != root]
                 if following and unit != root:
                     gather(following[0], at)
             elif kind == FWD_POST and unit != root:
                 release(unit, at)
-            elif kind == BWD_PRE:
-                gather(unit, at)
-                seen_backward += 1
-                following = [u for u in backward_order[seen_backward:] if u != root]
-                if following and unit != root:
-                    gather(following[0], at)
             elif kind == BWD_POST and unit != root:
                 release(unit, at)
                 if strategy.shard_gradients:

@@ -531,29 +531,20 @@ class Net(nn.Module):
                                   f"`{shown}` in `{where}` {what}; create it on the device directly: {better}",
                                   severity=Severity.INFO, fix=better)
         device, note = _device_hint(func, forward)
-        if fate == "returned":
-            if qualified in NO_DEVICE_ARGUMENT:
-                return None
+        if fate == "returned" and qualified in NO_DEVICE_ARGUMENT:
+            return None
+        soft = {
+            "returned": f"builds a CPU tensor that `{func.name.value}` returns; unless every caller moves it,",
+            "index": "makes CPU indices for tensors that live on the device once the module is moved: PyTorch "
+                     "copies them over on every call;",
+            "unsure": "creates a CPU tensor; fine if its data is a single number or the tensor is meant for the "
+                      "host, otherwise",
+        }
+        if fate in soft:
             better = _with_device(call, device)
-            return ctx.diagnostic(
-                self, line, column,
-                f"`{shown}` in `{where}` builds a CPU tensor that `{func.name.value}` returns; unless every caller "
-                f"moves it, pass device=: {better}{note}",
-                severity=Severity.INFO, fix=better)
-        if fate == "index":
-            better = _with_device(call, device)
-            return ctx.diagnostic(
-                self, line, column,
-                f"`{shown}` in `{where}` makes CPU indices for tensors that live on the device once the module "
-                f"is moved: PyTorch copies them over on every call; pass device=: {better}{note}",
-                severity=Severity.INFO, fix=better)
-        if fate == "unsure":
-            better = _with_device(call, device)
-            return ctx.diagnostic(
-                self, line, column,
-                f"`{shown}` in `{where}` creates a CPU tensor; fine if its data is a single number or the "
-                f"tensor is meant for the host, otherwise pass device=: {better}{note}",
-                severity=Severity.INFO, fix=better)
+            return ctx.diagnostic(self, line, column,
+                                  f"`{shown}` in `{where}` {soft[fate]} pass device=: {better}{note}",
+                                  severity=Severity.INFO, fix=better)
         if qualified in LEGACY_TENSOR_TYPES:
             better = f"torch.tensor(..., device={device})"
             message = (f"legacy constructor `{shown}` in `{where}` always allocates on the CPU, also after "
