@@ -23,20 +23,25 @@ sys.path.insert(0, str(HERE))
 
 from workloads import IMAGE_MODELS, OPTIMIZERS, spec_for, torchvision_available  # noqa: E402
 
-from memlint.estimator import Workload, analyse, cublas_workspace_bytes  # noqa: E402
+import memlint.gpu_kernels  # noqa: E402
+from memlint.estimator import Workload, analyse  # noqa: E402
+
+# Every record ran PyTorch 2.11 on the GPU (the files' env), whose memory-efficient attention kernel
+# does not take grouped-query attention (2.14's does): simulate the kernels those steps ran.
+memlint.gpu_kernels.EFFICIENT_ATTENTION_TAKES_GQA = False
 from memlint.targets import resolve_target  # noqa: E402
 
 
-def records(calibration: Path) -> Iterator[dict[str, Any]]:
+def records(calibration: Path, measurements: bool = True) -> Iterator[dict[str, Any]]:
     """Every training-peak record, normalised to model/batch/optimizer/precision/seq/checkpointing/measured."""
     files = [calibration / "h200_public.json", calibration / "h200_public_more.json",
-             *sorted((HERE / "measurements").glob("*.json"))]
+             *(sorted((HERE / "measurements").glob("*.json")) if measurements else [])]
     for file in files:
         if not file.exists():
             continue
         data = json.loads(file.read_text())
-        for record in data.get("steps", []):
-            yield {"set": "steps", "model": record["model"], "batch": record["batch"], "optimizer": record["optimizer"],
+        for record in [*data.get("steps", []), *data.get("fresh", [])]:
+            yield {"set": "fresh" if record.get("fresh_process") else "steps", "model": record["model"], "batch": record["batch"], "optimizer": record["optimizer"],
                    "precision": "bf16-mixed" if record.get("amp") else "fp32", "measured": record["train_peak"],
                    "infer": record.get("infer_peak_delta"), "param_bytes": record.get("param_bytes"),
                    "buffer_bytes": record.get("buffer_bytes")}
@@ -57,6 +62,8 @@ def records(calibration: Path) -> Iterator[dict[str, Any]]:
 
 
 def estimate(record: dict[str, Any], target: str = "h200") -> int:
+    """memlint's peak as the record measured it: a protocol record's base already held the cuBLAS
+    workspaces (its warm-up and earlier records ran matmuls in both threads), a fresh process's did not."""
     spec = spec_for(record["model"], record.get("seq"), record.get("checkpointing", False))
     workload = Workload(name=record["model"], path="<benchmark>", line=1, build=spec.build,
                         example_inputs=spec.example_inputs, loss_fn=spec.loss_fn,
@@ -64,11 +71,13 @@ def estimate(record: dict[str, Any], target: str = "h200") -> int:
                         batch_size=record["batch"], input_shape=None, input_dtype="float32",
                         optimizer="none" if OPTIMIZERS[record["optimizer"]] is None else None,
                         precision=record["precision"], mode="train")
-    return analyse(workload, resolve_target(target), 1.0, find_max_batch=False).peak_allocated_bytes
+    report = analyse(workload, resolve_target(target), 1.0, find_max_batch=False)
+    return report.peak_allocated_bytes - (0 if record["set"] == "fresh" else report.cublas_workspace_bytes)
 
 
-def maxbatch_records(calibration: Path) -> Iterator[dict[str, Any]]:
-    for file in (calibration / "h200_public.json", *sorted((HERE / "measurements").glob("*.json"))):
+def maxbatch_records(calibration: Path, measurements: bool = True) -> Iterator[dict[str, Any]]:
+    for file in (calibration / "h200_public.json",
+                 *(sorted((HERE / "measurements").glob("*.json")) if measurements else [])):
         if file.exists():
             yield from json.loads(file.read_text()).get("maxbatch", [])
 
@@ -155,15 +164,14 @@ def estimate_inference(record: dict[str, Any]) -> int:
                         precision=record["precision"], mode="infer")
     report = analyse(workload, resolve_target("h200"), 1.0, find_max_batch=False)
     b = report.breakdown
-    return report.peak_allocated_bytes - b["parameters"] - b["buffers"] - b["inputs"] - cublas_workspace_bytes(
-        resolve_target("h200"))
+    return report.peak_allocated_bytes - b["parameters"] - b["buffers"] - b["inputs"] - report.cublas_workspace_bytes
 
 
 def print_inference(args: argparse.Namespace, have_vision: bool) -> None:
     print("\nInference (--mode infer) vs infer_peak_delta: peak of one no_grad forward above the weights")
     print(f"{'model':<14}{'batch':>6}  {'precision':<11}{'measured MB':>12}{'memlint MB':>12}{'err':>8}")
     errors, seen = [], set()
-    for record in records(args.calibration):
+    for record in records(args.calibration, not args.calibration_only):
         key = (record["model"], record["batch"], record["precision"])
         if record.get("infer") is None or key in seen or (args.only and record["model"] != args.only) or (
                 record["model"] in IMAGE_MODELS and not have_vision):
@@ -181,7 +189,7 @@ def print_max_batch(args: argparse.Namespace, have_vision: bool) -> None:
     print("\nLargest batch under a capacity (maxbatch): measured vs memlint --target mem:CAP --threshold 1.0")
     errors = []
     print(f"{'model':<14}{'cap':<7}{'measured':>9}{'memlint':>9}{'err':>8}")
-    for record in maxbatch_records(args.calibration):
+    for record in maxbatch_records(args.calibration, not args.calibration_only):
         if (args.only and record["model"] != args.only) or (record["model"] in IMAGE_MODELS and not have_vision):
             continue
         estimated = estimate_max_batch(record)
@@ -197,6 +205,8 @@ def main() -> int:
     parser.add_argument("--only", help="only records of this model")
     parser.add_argument("--peers", action="store_true", help="also run MemTracker and torchinfo")
     parser.add_argument("--no-maxbatch", action="store_true", help="skip the largest-batch records")
+    parser.add_argument("--calibration-only", action="store_true",
+                        help="only the shared calibration files, not benchmarks/measurements")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown for the README")
     args = parser.parse_args()
     have_vision = torchvision_available()
@@ -205,7 +215,7 @@ def main() -> int:
         columns += ["MemTracker GB", "err", "torchinfo GB", "err"]
     rows, results = [], {"memlint": [], "MemTracker": [], "torchinfo": []}
     skipped = 0
-    for record in records(args.calibration):
+    for record in records(args.calibration, not args.calibration_only):
         if args.only and record["model"] != args.only:
             continue
         if record["model"] in IMAGE_MODELS and not have_vision:

@@ -4,8 +4,10 @@
 
 The records are the ``times`` of ``h200_public_more.json``: median wall seconds of one training
 step (SGD with momentum, 10 timed steps after 3 warm-ups) in fp32 and under bf16 autocast, for
-AlexNet b128, ResNet-50 b64, VGG-16 b32, BERT-base b32, GPT-2 b8 and MobileNet-V2 b64, built as
-the calibration protocol builds them (benchmarks/workloads.py). memlint simulates the same step on
+AlexNet b128, ResNet-50 b64, VGG-16 b32, BERT-base b32, GPT-2 b8 and MobileNet-V2 b64, and the
+``step_times`` measured the same way since (benchmarks/measurements: DenseNet-121, EfficientNet-B0,
+ConvNeXt-T, ViT-B/16, a Llama-style model, OPT-125m, RoBERTa-base), built as the calibration
+protocol builds them (benchmarks/workloads.py). memlint simulates the same step on
 fake tensors and prints its estimate for ``--target h200``, the ratio measured / estimate (how
 far reality is above the lower bound) and the share of the estimate that is compute-bound.
 Needs torchvision for the image models (the benchmark environment).
@@ -29,9 +31,12 @@ from memlint.targets import resolve_target  # noqa: E402
 
 
 def time_records(calibration: Path) -> list[dict]:
-    data = json.loads((calibration / "h200_public_more.json").read_text())
+    """The calibration's ``times`` and the ``step_times`` measured since (benchmarks/measurements)."""
+    found = json.loads((calibration / "h200_public_more.json").read_text())["times"]
+    for file in sorted((HERE / "measurements").glob("*.json")):
+        found += json.loads(file.read_text()).get("step_times", [])
     return [{"model": r["model"], "batch": r["batch"], "precision": "fp32" if r["amp"] == "None" else "bf16-mixed",
-             "measured": r["step_s"]} for r in data["times"]]
+             "measured": r["step_s"]} for r in found]
 
 
 def estimate(record: dict) -> dict:

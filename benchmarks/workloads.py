@@ -13,8 +13,40 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-IMAGE_MODELS = ("alexnet", "vgg16", "resnet18", "resnet50", "mobilenet_v2")
-SEQUENCE = {"bert-base": 128, "gpt2": 512}
+# torchvision models: the calibration's five, then held-out ones measured for benchmarks/measurements.
+IMAGE_MODELS = ("alexnet", "vgg16", "resnet18", "resnet50", "mobilenet_v2", "densenet121", "efficientnet_b0",
+                "convnext_tiny", "regnet_y_400mf", "shufflenet_v2_x1_0", "squeezenet1_0", "resnext50_32x4d",
+                "vit_b_16", "resnet34", "resnet101", "wide_resnet50_2", "densenet169", "efficientnet_b1",
+                "mobilenet_v3_large", "mnasnet1_0", "regnet_x_800mf", "convnext_small", "swin_t", "vgg11_bn")
+
+# transformers models built from configs: (model class, config class, config overrides, task, sequence).
+# "causal" is judged with the GPT-2 loss of the protocol, "classify" with BERT's, "image" takes 224x224 images.
+TRANSFORMERS = {
+    "bert-base": ("BertForSequenceClassification", "BertConfig", {}, "classify", 128),
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", {}, "causal", 512),
+    "llama-small": ("LlamaForCausalLM", "LlamaConfig",
+                    {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 8, "num_attention_heads": 12,
+                     "num_key_value_heads": 4, "vocab_size": 32000}, "causal", 512),
+    "qwen2-tied": ("Qwen2ForCausalLM", "Qwen2Config",
+                   {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
+                    "num_key_value_heads": 2, "vocab_size": 32000, "tie_word_embeddings": True}, "causal", 512),
+    "opt-125m": ("OPTForCausalLM", "OPTConfig", {}, "causal", 512),
+    "distilbert": ("DistilBertForSequenceClassification", "DistilBertConfig", {}, "classify", 128),
+    "roberta-base": ("RobertaForSequenceClassification", "RobertaConfig", {}, "classify", 128),
+    "vit-hf": ("ViTForImageClassification", "ViTConfig", {}, "image", None),
+    "mistral-small": ("MistralForCausalLM", "MistralConfig",
+                      {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 8,
+                       "num_key_value_heads": 2, "vocab_size": 32000}, "causal", 512),
+    "phi-small": ("PhiForCausalLM", "PhiConfig",
+                  {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 6, "num_attention_heads": 8,
+                   "vocab_size": 32000}, "causal", 512),
+    "bloom-small": ("BloomForCausalLM", "BloomConfig", {"hidden_size": 512, "n_layer": 6, "n_head": 8,
+                                                        "vocab_size": 32000}, "causal", 512),
+    "albert-base": ("AlbertForSequenceClassification", "AlbertConfig",
+                    {"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072}, "classify", 128),
+    "electra-small": ("ElectraForSequenceClassification", "ElectraConfig", {}, "classify", 128),
+}
+SEQUENCE = {name: entry[4] for name, entry in TRANSFORMERS.items() if entry[4]}
 
 
 @dataclass
@@ -40,14 +72,6 @@ def _ids(seq: int, batch: int) -> torch.Tensor:
     return torch.randint(0, 1000, (batch, seq))
 
 
-def _bert_loss(output: Any, _inputs: Any) -> torch.Tensor:
-    return output.logits.float().mean()
-
-
-def _gpt2_loss(output: Any, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(output.logits.flatten(0, 1).float(), ids.flatten())
-
-
 def _torchvision(name: str, checkpoint_stages: bool = False) -> torch.nn.Module:
     import torchvision
 
@@ -69,13 +93,19 @@ class _Checkpointed(torch.nn.Module):
         return torch.utils.checkpoint.checkpoint(self.stage, x, use_reentrant=False)
 
 
+def _classify_loss(output: Any, _inputs: Any) -> torch.Tensor:
+    return output.logits.float().mean()
+
+
+def _causal_loss(output: Any, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output.logits.flatten(0, 1).float(), ids.flatten())
+
+
 def _transformer(name: str, checkpointing: bool = False) -> torch.nn.Module:
     import transformers
 
-    if name == "bert-base":
-        model = transformers.BertForSequenceClassification(transformers.BertConfig())
-    else:
-        model = transformers.GPT2LMHeadModel(transformers.GPT2Config())
+    model_class, config_class, overrides, _task, _seq = TRANSFORMERS[name]
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(**overrides))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -84,9 +114,12 @@ def _transformer(name: str, checkpointing: bool = False) -> torch.nn.Module:
 def spec_for(model: str, seq: int | None = None, checkpointing: bool = False) -> Spec:
     if model in IMAGE_MODELS:
         return Spec(model, functools.partial(_torchvision, model, checkpointing), _image_inputs, _image_loss)
-    length = seq or SEQUENCE[model]
-    loss = _bert_loss if model == "bert-base" else _gpt2_loss
-    return Spec(model, functools.partial(_transformer, model, checkpointing), functools.partial(_ids, length), loss)
+    task = TRANSFORMERS[model][3]
+    build = functools.partial(_transformer, model, checkpointing)
+    if task == "image":
+        return Spec(model, build, _image_inputs, _classify_loss)
+    loss = _causal_loss if task == "causal" else _classify_loss
+    return Spec(model, build, functools.partial(_ids, seq or SEQUENCE[model]), loss)
 
 
 def torchvision_available() -> bool:

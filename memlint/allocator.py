@@ -39,13 +39,15 @@ def segment_size(nbytes: int) -> int:
     return -(-nbytes // ROUND_LARGE) * ROUND_LARGE
 
 
-@dataclass(eq=False)  # identity: list.index/remove on a segment's blocks must not compare fields (hot path)
+@dataclass(eq=False)  # identity, not fields: blocks are nodes of their segment's list
 class _Block:
     segment: int
     offset: int
     size: int
     small: bool
     free: bool = True
+    prev: _Block | None = None  # the neighbours in the segment, by address
+    next: _Block | None = None
 
 
 class OutOfMemory(Exception):
@@ -53,7 +55,11 @@ class OutOfMemory(Exception):
 
 
 class CachingAllocatorModel:
-    """Replays allocations and frees; tracks reserved bytes and their peak."""
+    """Replays allocations and frees; tracks reserved bytes and their peak.
+
+    A segment's blocks form a linked list by address (split and merge touch only neighbours);
+    when two merge, the lower one absorbs the upper, so a segment's first block stays its handle.
+    """
 
     def __init__(self, cap_bytes: int | None = None) -> None:
         self.cap = cap_bytes
@@ -61,9 +67,9 @@ class CachingAllocatorModel:
         self.peak_reserved = 0
         self.allocated = 0
         self.peak_allocated = 0
-        self._segments: dict[int, list[_Block]] = {}
-        self._free = {True: [], False: []}  # pool (small?) -> sorted [(size, segment, offset)]
-        self._blocks: dict[tuple[int, int], _Block] = {}
+        self._segments: dict[int, _Block] = {}  # segment -> its first block
+        # pool (small?) -> free blocks as sorted (size, segment, offset, block): best fit by bisection
+        self._free: dict[bool, list[tuple[int, int, int, _Block]]] = {True: [], False: []}
         self._next_segment = 0
 
     def malloc(self, nbytes: int) -> _Block:
@@ -85,11 +91,10 @@ class CachingAllocatorModel:
 
     def _best_fit(self, size: int, small: bool) -> _Block | None:
         pool = self._free[small]
-        index = bisect.bisect_left(pool, (size, -1, -1))
+        index = bisect.bisect_left(pool, (size,))
         if index == len(pool):
             return None
-        _, segment, offset = pool.pop(index)
-        return self._blocks[(segment, offset)]
+        return pool.pop(index)[3]
 
     def _new_segment(self, size: int, small: bool) -> _Block:
         seg_bytes = segment_size(size)
@@ -99,9 +104,7 @@ class CachingAllocatorModel:
                 raise OutOfMemory(size)
         segment = self._next_segment
         self._next_segment += 1
-        block = _Block(segment, 0, seg_bytes, small)
-        self._segments[segment] = [block]
-        self._blocks[(segment, 0)] = block
+        block = self._segments[segment] = _Block(segment, 0, seg_bytes, small)
         self.reserved += seg_bytes
         self.peak_reserved = max(self.peak_reserved, self.reserved)
         return block
@@ -110,59 +113,66 @@ class CachingAllocatorModel:
         remaining = block.size - size
         # should_split: small pool splits any remainder >= 512 B, large pool only above 1 MiB.
         if (block.small and remaining >= MIN_BLOCK) or (not block.small and remaining > SMALL_REQUEST):
-            rest = _Block(block.segment, block.offset + size, remaining, block.small)
+            rest = _Block(block.segment, block.offset + size, remaining, block.small, prev=block, next=block.next)
+            if block.next is not None:
+                block.next.prev = rest
+            block.next = rest
             block.size = size
-            blocks = self._segments[block.segment]
-            blocks.insert(blocks.index(block) + 1, rest)
-            self._blocks[(rest.segment, rest.offset)] = rest
             self._add_free(rest)
 
     def _merge(self, block: _Block) -> None:
-        blocks = self._segments[block.segment]
-        index = blocks.index(block)
-        for neighbour_index in (index + 1, index - 1):
-            if 0 <= neighbour_index < len(blocks) and blocks[neighbour_index].free:
-                neighbour = blocks[neighbour_index]
-                self._remove_free(neighbour)
-                del self._blocks[(neighbour.segment, neighbour.offset)]
-                if neighbour_index < index:
-                    del self._blocks[(block.segment, block.offset)]
-                    block.offset = neighbour.offset
-                    self._blocks[(block.segment, block.offset)] = block
-                    index -= 1
-                block.size += neighbour.size
-                blocks.remove(neighbour)
+        upper = block.next
+        if upper is not None and upper.free:
+            self._remove_free(upper)
+            _absorb(block, upper)
+        lower = block.prev
+        if lower is not None and lower.free:
+            self._remove_free(lower)
+            _absorb(lower, block)
+            block = lower
         self._add_free(block)
 
     def _release_cached_segments(self) -> None:
-        for segment, blocks in list(self._segments.items()):
-            if len(blocks) == 1 and blocks[0].free:
-                self._remove_free(blocks[0])
-                del self._blocks[(segment, 0)]
+        for segment, first in list(self._segments.items()):
+            if first.free and first.next is None:
+                self._remove_free(first)
                 del self._segments[segment]
-                self.reserved -= blocks[0].size
+                self.reserved -= first.size
 
     def _add_free(self, block: _Block) -> None:
-        bisect.insort(self._free[block.small], (block.size, block.segment, block.offset))
+        bisect.insort(self._free[block.small], (block.size, block.segment, block.offset, block))
 
     def _remove_free(self, block: _Block) -> None:
         pool = self._free[block.small]
         pool.pop(bisect.bisect_left(pool, (block.size, block.segment, block.offset)))
 
 
-def replay_allocator(ledger: Ledger, cap_bytes: int | None = None,
-                     extra_bytes: int = 0) -> CachingAllocatorModel:
+def _absorb(lower: _Block, upper: _Block) -> None:
+    """Merge the free block ``upper`` into its neighbour below."""
+    lower.size += upper.size
+    lower.next = upper.next
+    if upper.next is not None:
+        upper.next.prev = lower
+
+
+def replay_allocator(ledger: Ledger, cap_bytes: int | None = None) -> CachingAllocatorModel:
     """Replay a ledger through the allocator model; raises OutOfMemory under ``cap_bytes``.
 
-    ``extra_bytes`` is allocated first and kept (e.g. the cuBLAS workspace).
+    An elastic storage that does not fit is skipped: PyTorch's cuDNN convolution tries the plans
+    cuDNN proposes in order and takes the first whose workspace the allocator can give
+    (``try_plans`` in aten/src/ATen/native/cudnn/Conv_v8.cpp catches the out-of-memory error), down
+    to plans that need none.
     """
     model = CachingAllocatorModel(cap_bytes)
-    if extra_bytes:
-        model.malloc(extra_bytes)
     blocks: dict[int, _Block] = {}
     for kind, sid, _ in ledger.events:
         if kind == ALLOC:
-            blocks[sid] = model.malloc(ledger.storages[sid].nbytes)
+            storage = ledger.storages[sid]
+            try:
+                blocks[sid] = model.malloc(storage.nbytes)
+            except OutOfMemory:
+                if not storage.elastic:
+                    raise
         elif kind == FREE and sid in blocks:
             model.release(blocks.pop(sid))
     return model

@@ -14,13 +14,67 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.weak import WeakIdKeyDictionary
 
 from memlint.errors import ModelError
 from memlint.loader import user_line
+from memlint.simulate import Assumptions, ValueAssumingMode
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _SKIP_DIRS = (_TORCH_DIR, os.path.dirname(__file__))
+
+
+# Tensors of up to this many elements are also computed for real while the model is built.
+SMALL_VALUES = 1 << 16
+
+
+class SmallValuesMode(ValueAssumingMode):
+    """While building, small tensors are also computed on real CPU tensors, so values read from them are real.
+
+    Constructors compute with tensors as well as allocate them: RegNet derives its stage widths
+    from ``torch.arange``/``round``/``log`` and ``.tolist()``, vision transformers their
+    stochastic-depth rates from ``torch.linspace``. A fake tensor has no values; answering such a
+    question with an assumption would build another network (a RegNet with 1-channel stages).
+    Every op whose outputs are small and whose inputs are known runs again outside the fake mode;
+    parameters and anything large stay fake, so the cost stays that of the small tensors.
+    Values still unknown are assumed (and reported) as ``ValueAssumingMode`` does.
+    """
+
+    def __init__(self, assumptions: Assumptions, where: str = "") -> None:
+        super().__init__(assumptions, where)
+        self.values = WeakIdKeyDictionary()  # fake tensor -> its real value
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default and args[0] in self.values:
+            with unset_fake_temporarily():
+                return self.values[args[0]].item()
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        self._compute_for_real(func, args, kwargs, out)
+        return out
+
+    def _compute_for_real(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        outputs = tree_flatten(out)[0]
+        if not any(isinstance(t, FakeTensor) for t in outputs) or any(
+                isinstance(t, torch.Tensor) and t.numel() > SMALL_VALUES for t in outputs):
+            return
+        leaves, spec = tree_flatten((args, kwargs))
+        for index, leaf in enumerate(leaves):
+            if isinstance(leaf, FakeTensor):
+                if leaf not in self.values:
+                    return
+                leaves[index] = self.values[leaf]
+        real_args, real_kwargs = tree_unflatten(leaves, spec)
+        try:
+            with unset_fake_temporarily():
+                result = func(*real_args, **real_kwargs)
+        except Exception:  # e.g. a device this host lacks: the value stays unknown, and is assumed if asked
+            return
+        for fake, value in zip(outputs, tree_flatten(result)[0]):
+            if isinstance(fake, FakeTensor) and isinstance(value, torch.Tensor):
+                self.values[fake] = value
 
 
 def new_fake_mode() -> FakeTensorMode:
@@ -80,8 +134,8 @@ def build_fake_model(build: Callable[[], Any], fake_mode: FakeTensorMode, name: 
                      value_mode: Any = None) -> tuple[torch.nn.Module, dict[str, str]]:
     """Construct the model on fake tensors; returns it and module path -> creation site.
 
-    ``value_mode`` answers ``.item()`` during construction (e.g. stochastic-depth rates read
-    from ``torch.linspace(...)``, common in vision transformers).
+    ``value_mode`` answers ``.item()`` during construction (a ``SmallValuesMode`` computes small
+    tensors for real, e.g. stochastic-depth rates read from ``torch.linspace(...)``).
     """
     sites: dict[int, str] = {}
     try:

@@ -276,14 +276,15 @@ class StepCounter(FlopCounterMode):
     """FlopCounterMode that also keeps, per module and phase, the bytes moved and the roofline time.
 
     Pass it to ``simulate_step`` as an extra mode. Counts restart whenever the root module's
-    forward starts (outside backward), so they describe the last simulated step.
+    forward starts (outside backward), so they describe the last simulated step; steps before
+    the ``count_from``-th are not counted (the simulation runs at least that many).
     """
 
-    def __init__(self, model: torch.nn.Module, target: "Target", blocks: list[str] = (), iterations: int = 1) -> None:
+    def __init__(self, model: torch.nn.Module, target: "Target", blocks: list[str] = (), count_from: int = 1) -> None:
         super().__init__(display=False)
         self.mod_tracker = _StepModuleTracker(self)
         self.model = model
-        self.iterations = max(1, iterations)  # the simulation's steps: only the last one is counted
+        self.count_from = max(1, count_from)
         self.active = False
         self.roofline = Roofline(target)
         self.root = type(model).__name__
@@ -331,7 +332,7 @@ class StepCounter(FlopCounterMode):
     def start_step(self) -> None:
         """The root module's forward starts (outside backward): a new step."""
         self.steps += 1
-        self.active = self.steps >= self.iterations
+        self.active = self.steps >= self.count_from
         self._reset()
 
     def _on_block(self, name: str, args: Any, kwargs: Any) -> None:
@@ -440,11 +441,12 @@ class StepCounter(FlopCounterMode):
 def annotate(report: "ModelReport", counter: StepCounter, result: "SimulationResult", *, data_parallel: int = 1,
              epoch_size: int | None = None, checkpointed: bool = False) -> None:
     """Fill the report's FLOPs, bytes, step and epoch times and the per-block checkpointing estimate."""
+    forward, backward, moved = counter.forward, counter.backward, counter.moved  # each a pass over the scopes
     for layer in report.layers:
-        layer.flops_forward = counter.forward.get(layer.name, 0)
-        layer.flops_backward = counter.backward.get(layer.name, 0)
-        layer.bytes_moved = counter.moved.get(layer.name, 0)
-    if counter.steps < counter.iterations:  # the simulation ran fewer steps than planned: nothing counted
+        layer.flops_forward = forward.get(layer.name, 0)
+        layer.flops_backward = backward.get(layer.name, 0)
+        layer.bytes_moved = moved.get(layer.name, 0)
+    if counter.steps < counter.count_from:  # the simulation ran fewer steps than planned: nothing counted
         return
     report.flops_per_step = counter.total_flops
     report.bytes_per_step = counter.total_bytes

@@ -173,14 +173,26 @@ class UnitMarkers:
         self.marks: list[tuple[int, int, int]] = []
         self.ledger: Ledger | None = None
         self._handles: list[Any] = []
+        self._iteration = self._iteration_first_mark = 0  # the iteration being marked, its first mark
 
     def attach(self, tracker: Any) -> None:
         self.ledger = tracker.ledger
         self.marks = []
+        self._iteration = self._iteration_first_mark = 0
 
     def _mark(self, kind: int, unit: int) -> None:
         if self.ledger is not None:
+            if self._iteration != len(self.ledger.iteration_marks):  # the first mark of an iteration
+                self._iteration, self._iteration_first_mark = len(self.ledger.iteration_marks), len(self.marks)
             self.marks.append((len(self.ledger.events), kind, unit))
+
+    def repeat_iteration(self, shift: int) -> None:
+        """The simulation recorded its last iteration again, ``shift`` events later: so are its marks."""
+        assert self.ledger is not None
+        repeated = [(index + shift, kind, unit) for index, kind, unit in self.marks[self._iteration_first_mark:]] \
+            if self._iteration == len(self.ledger.iteration_marks) - 1 else []
+        self._iteration, self._iteration_first_mark = len(self.ledger.iteration_marks), len(self.marks)
+        self.marks.extend(repeated)
 
     def _grad_hook(self, values: Any, kind: int, unit: int) -> None:
         tensors = [t for t in tree_flatten(values)[0] if isinstance(t, torch.Tensor) and t.requires_grad]

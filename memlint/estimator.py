@@ -12,10 +12,11 @@ from typing import Any, Callable
 import torch
 
 from memlint.allocator import CachingAllocatorModel, OutOfMemory, replay_allocator, round_size
-from memlint.build import build_fake_model, fake_parameter_conversions, new_fake_mode
+from memlint.build import SmallValuesMode, build_fake_model, fake_parameter_conversions, new_fake_mode
 from memlint.errors import ModelError
 from memlint.gpu_kernels import GpuKernelMode
-from memlint.ledger import Ledger, interpolate
+from memlint.library_memory import add_cublas_workspaces, cublas_workspace_bytes, cudnn_workspace_bytes
+from memlint.ledger import Ledger, interpolate, same_allocations
 from memlint.report import LayerReport, ModelReport
 from memlint.scale import ScalePlan
 from memlint.simulate import Assumptions, SimulationResult, StepPlan, ValueAssumingMode, simulate_step
@@ -24,21 +25,6 @@ from memlint.targets import Target
 from memlint.tracing import TraceResult, trace_model
 
 MAX_BATCH_LIMIT = 1 << 16  # search no further: such a batch is a configuration, not a plan
-
-# cuBLAS takes its workspace from the caching allocator on the first matmul and keeps it
-# (CUBLAS_WORKSPACE_CONFIG defaults in aten/src/ATen/cuda/CublasHandlePool.cpp): ":4096:8"
-# (32 MiB) on compute capability 9.0 and newer, ":4096:2:16:8" (8 MiB + 128 KiB) before.
-# The H200 allocation traces in shared/calibration/snapshots show the 32 MiB block.
-CUBLAS_WORKSPACE_HOPPER = 4096 * 1024 * 8
-CUBLAS_WORKSPACE_OLDER = 4096 * 1024 * 2 + 16 * 1024 * 8
-
-
-def cublas_workspace_bytes(target: Target) -> int:
-    if target.kind != "gpu":
-        return 0
-    capability = target.capability
-    return CUBLAS_WORKSPACE_HOPPER if capability is None or capability >= (9, 0) else CUBLAS_WORKSPACE_OLDER
-
 
 @dataclass
 class Workload:
@@ -88,15 +74,17 @@ class Estimator:
         self.fake_mode = new_fake_mode()
         self.build_assumptions = Assumptions()
         self.model, self.sites = build_fake_model(workload.build, self.fake_mode, workload.name, workload.path,
-                                                  ValueAssumingMode(self.build_assumptions, "while building"))
+                                                  SmallValuesMode(self.build_assumptions, "while building"))
         if workload.precision in CAST:
             with self.fake_mode, fake_parameter_conversions():
                 self.model.to(CAST[workload.precision])
         self.optimizer_factory = optimizer_factory(workload.optimizer, workload.build_optimizer)
         self.loss = loss_factory(workload.loss_fn, workload.path)
-        self.workspace = cublas_workspace_bytes(target)
+        self.cublas_workspace = cublas_workspace_bytes(target.capability) if target.kind == "gpu" else 0
+        self.cublas_bytes = 0  # what add_cublas_workspaces added to the last simulation: the same for every batch
         self.evaluations: dict[int, Evaluation] = {}
         self.simulated: dict[int, Ledger] = {}
+        self.interpolable: dict[tuple[int, int], bool] = {}  # two simulated batch sizes: same_allocations?
         self.scale = ScalePlan(self.model, workload, target, self.plan)
 
     def plan(self, batch_size: int) -> StepPlan:
@@ -104,7 +92,8 @@ class Estimator:
         return StepPlan(mode=w.mode, make_inputs=input_factory(batch_size, w.example_inputs, w.input_shape,
                                                              w.input_dtype, w.path, CAST.get(w.precision)),
                         loss_fn=self.loss, optimizer_factory=self.optimizer_factory,
-                        autocast_dtype=AUTOCAST.get(w.precision))
+                        autocast_dtype=AUTOCAST.get(w.precision),
+                        kernel_scratch=cudnn_workspace_bytes if self.target.kind == "gpu" else None)
 
     def trace(self) -> TraceResult:
         scalars = ValueAssumingMode(Assumptions())
@@ -112,8 +101,11 @@ class Estimator:
                                                      self.fake_mode, self.sites, scalars), self.workload)
 
     def simulate(self, batch_size: int, extra_modes: tuple[Any, ...] = ()) -> SimulationResult:
-        # Through the ScalePlan: block checkpointing, strategy markers, one device's ledger.
-        return self.scale.simulate(lambda modes: self._simulate(batch_size, modes), extra_modes)
+        # Through the ScalePlan: block checkpointing, strategy markers, one device's ledger; then
+        # the library memory the GPU allocates beside the step.
+        result = self.scale.simulate(lambda modes: self._simulate(batch_size, modes), extra_modes)
+        self.cublas_bytes = add_cublas_workspaces(result.ledger, self.cublas_workspace)
+        return result
 
     def _simulate(self, batch_size: int, extra_modes: tuple[Any, ...]) -> SimulationResult:
         return _translate_errors(lambda: simulate_step(self.model, self.plan(batch_size), self.fake_mode,
@@ -136,21 +128,38 @@ class Estimator:
             ledger = ledger or self._ledger_for(batch_size)
             try:
                 allocator: CachingAllocatorModel | None = replay_allocator(
-                    ledger, cap_bytes=self.allocator_cap(), extra_bytes=self.workspace)
+                    ledger, cap_bytes=self.allocator_cap())
                 fits = True
             except OutOfMemory:
-                allocator = smallest_sufficient_cap(ledger, self.workspace) if sized else None
+                allocator = smallest_sufficient_cap(ledger) if sized else None
                 fits = False
             self.evaluations[batch_size] = Evaluation(fits, allocator.peak_reserved if allocator else 0, allocator)
         return self.evaluations[batch_size]
 
     def _ledger_for(self, batch_size: int) -> Ledger:
         """Interpolate between two simulated batch sizes when they ran the same ops; else simulate."""
-        for (b1, first), (b2, second) in itertools.combinations(sorted(self.simulated.items()), 2):
-            ledger = interpolate(first, b1, second, b2, batch_size)
+        for b1, b2 in itertools.combinations(sorted(self.simulated), 2):
+            ledger = self._interpolation(b1, b2, batch_size)
             if ledger is not None:
                 return ledger
         return self.simulated_ledger(batch_size)
+
+    def _interpolation(self, b1: int, b2: int, batch_size: int) -> Ledger | None:
+        if (b1, b2) not in self.interpolable:
+            self.interpolable[b1, b2] = same_allocations(self.simulated[b1], self.simulated[b2])
+        return interpolate(self.simulated[b1], b1, self.simulated[b2], b2, batch_size) \
+            if self.interpolable[b1, b2] else None
+
+    def _interpolated_regardless(self, batch_size: int) -> bool:
+        """Whether ``_ledger_for(batch_size)`` would interpolate the same with a simulation at ``batch_size``.
+
+        It takes the first pair of simulated sizes, in sorted order, that interpolates. A simulation
+        at ``batch_size`` would add pairs only after those of the smallest simulated size with the
+        sizes below ``batch_size``: when one of those interpolates, the simulation changes nothing.
+        """
+        smallest, *others = sorted(self.simulated)
+        return any(self._interpolation(smallest, other, batch_size) is not None
+                   for other in others if other < batch_size)
 
     def simulated_ledger(self, batch_size: int) -> Ledger:
         if batch_size not in self.simulated:
@@ -162,7 +171,9 @@ class Estimator:
 
         The caching allocator makes "fits" slightly non-monotonic near the limit, so the
         procedure matters; this is the one of the calibration protocol. The answer is then
-        checked by a full simulation, not only by interpolation.
+        evaluated again with a simulation at it, where that simulation takes part in its
+        interpolation (``_interpolated_regardless``): an answer beyond the simulated sizes keeps
+        the interpolation from the first pair, so it is not simulated.
         """
         if 1 in self.simulated and not self.evaluate(1).fits:
             return None  # nothing fits: no second simulation needed (a third of a 70B model's analysis)
@@ -179,25 +190,30 @@ class Estimator:
             good, bad = (middle, bad) if self.evaluate(middle).fits else (good, middle)
         while good > 1 and good not in self.simulated:
             del self.evaluations[good]
-            self.simulated_ledger(good)
+            if not self._interpolated_regardless(good):
+                self.simulated_ledger(good)
             if self.evaluate(good).fits:
                 break
+            self.simulated_ledger(good)  # the next candidates interpolate with it too
             good -= 1
         return good
 
 
-def smallest_sufficient_cap(ledger: Ledger, workspace: int, resolution: int = 2 << 20) -> CachingAllocatorModel:
+def smallest_sufficient_cap(ledger: Ledger, resolution: int = 2 << 20) -> CachingAllocatorModel:
     """The allocator run under the smallest cap (to 2 MiB) that the step needs: what it really needs.
 
     Uncapped, the caching allocator keeps every segment it ever made; a card with less memory
     would release cached segments instead, so the uncapped reserve overstates the need.
     """
-    uncapped = replay_allocator(ledger, extra_bytes=workspace)
+    uncapped = replay_allocator(ledger)
     lo, hi, best = uncapped.peak_allocated - 1, uncapped.peak_reserved, uncapped
     while hi - lo > resolution:
         middle = (lo + hi) // 2
+        if middle >= best.peak_reserved:  # a cap the last run never reached changes nothing in it: no replay
+            hi = middle
+            continue
         try:
-            best, hi = replay_allocator(ledger, cap_bytes=middle, extra_bytes=workspace), middle
+            best, hi = replay_allocator(ledger, cap_bytes=middle), middle
         except OutOfMemory:
             lo = middle
     return best
@@ -288,12 +304,15 @@ def analyse(workload: Workload, target: Target, threshold: float, depth: int = 3
     worst_iteration = max(range(len(peaks)), key=peaks.__getitem__)
     peak = ledger.replay(round_size, start=ledger.iteration_marks[worst_iteration])
     evaluation = estimator.evaluate(workload.batch_size, ledger, sized=True)
-    peak_allocated = peak.total + estimator.workspace
+    # CUDA's caching allocator counts whole blocks: a cached block reused without splitting off a
+    # remainder of 1 MiB or less counts entirely, so its replay gives max_memory_allocated.
+    peak_allocated = evaluation.allocator.peak_allocated if target.kind == "gpu" else peak.total
+    cublas = estimator.cublas_bytes
     breakdown = {role: peak.by_role.get(role, 0) for role in
                  ("parameters", "buffers", "gradients", "optimizer_state", "activations", "inputs", "temporaries")}
-    # Library workspaces, and what the caching allocator holds reserved beyond the live blocks.
-    breakdown["workspace"] = target.workspace_bytes + estimator.workspace + evaluation.reserved - \
-        evaluation.allocator.peak_allocated
+    # Library workspaces, and what the caching allocator holds beyond the live tensors (the parts
+    # then add up to peak_device_bytes).
+    breakdown["workspace"] = target.workspace_bytes + peak.by_role["workspace"] + evaluation.reserved - peak.total
     breakdown["context"] = target.context_bytes
     report = ModelReport(
         path=workload.path, name=workload.name, target=target.name, capacity_bytes=target.memory_bytes,
@@ -306,7 +325,7 @@ def analyse(workload: Workload, target: Target, threshold: float, depth: int = 3
         breakdown=breakdown,
         layers=_layers(estimator.model, trace, result, estimator.sites, depth, f"{workload.path}:{workload.line}"),
         line=workload.line, budget_bytes=target.budget_bytes(threshold), peak_phase=peak.phase,
-        overhead_bytes=target.context_bytes + target.workspace_bytes + estimator.workspace,
+        overhead_bytes=target.context_bytes + target.workspace_bytes + cublas, cublas_workspace_bytes=cublas,
         assumptions=[*estimator.build_assumptions.render(), *trace.notes, *result.assumptions], graph=trace.nodes,
         timeline=ledger.timeline(round_size, ledger.iteration_marks[worst_iteration]),
         parameter_dtypes=_parameter_dtypes(estimator.model),

@@ -5,10 +5,15 @@ few functions pick different kernels with different saved tensors. A TorchFuncti
 swaps them, whatever name the user's code imported them under:
 
 * ``scaled_dot_product_attention``: on CUDA, PyTorch picks the flash or memory-efficient
-  kernel (aten/src/ATen/native/transformers/cuda/sdp_utils.cpp), which saves the output and
-  the log-sum-exp (fp32, ``(B, H, L)`` padded to a multiple of 32 for the efficient kernel,
-  see ``_efficient_attention_forward``), never the ``L x L`` attention matrix. On the CPU
-  with dropout it would fall back to the math path and materialise that matrix.
+  kernel (``select_sdp_backend`` in aten/src/ATen/native/transformers/cuda/sdp_utils.cpp), which
+  saves the output and the log-sum-exp (fp32, ``(B, H, L)`` padded to a multiple of 32 for the
+  efficient kernel, see ``_efficient_attention_forward``), never the ``L x L`` attention matrix.
+  On the CPU with dropout it would fall back to the math path and materialise that matrix. Where
+  no fused kernel takes the inputs, CUDA runs the math path too: grouped-query attention
+  (``enable_gqa``) in fp32, which flash does not take (half precision only) and the efficient
+  kernel took only from PyTorch 2.14 (the ``scaled_dot_product_attention`` docstrings of 2.13 and
+  2.14; measured on an H200 with 2.11: a Llama-style model in fp32 saved one ``L x L`` matrix per
+  layer, in bf16 none).
 * ``dropout``: CUDA runs the fused ``native_dropout`` kernel, which saves a 1-byte bool mask;
   the CPU path (``_dropout_impl`` in Dropout.cpp) saves a mask of the input's dtype.
 """
@@ -65,9 +70,24 @@ def _expand_heads(query: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+# Whether CUDA's memory-efficient attention kernel takes grouped-query attention (PyTorch >= 2.14).
+EFFICIENT_ATTENTION_TAKES_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 14)
+
+
+def _fused_kernel_takes(query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None,
+                        enable_gqa: bool) -> bool:
+    """Whether flash or the memory-efficient kernel runs these inputs on CUDA (else the math path)."""
+    grouped = enable_gqa and query.dim() >= 3 and key.shape[-3] != query.shape[-3]
+    flash = query.dtype in (torch.float16, torch.bfloat16) and attn_mask is None and query.shape[-1] <= 256
+    return flash or not grouped or EFFICIENT_ATTENTION_TAKES_GQA
+
+
 def _gpu_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
               dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
               enable_gqa: bool = False) -> torch.Tensor:
+    if not _fused_kernel_takes(query, key, attn_mask, enable_gqa):
+        return torch.ops.aten._scaled_dot_product_attention_math(
+            query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
     if enable_gqa:
         key, value = _expand_heads(query, key), _expand_heads(query, value)
     mask = attn_mask if attn_mask is not None and attn_mask.dtype != torch.bool else None

@@ -6,15 +6,17 @@ record serves the verdict, the table and the plot. Plain Python: no torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from memlint.report import BREAKDOWN_KEYS, TimelinePoint
 
 ALLOC, FREE, OP = 0, 1, 2
 
-# Roles a storage can play; `temporaries` is the default until something better is known.
-ROLES = ("parameters", "buffers", "gradients", "optimizer_state", "activations", "inputs", "temporaries")
+# Roles a storage can play; `temporaries` is the default until something better is known;
+# `workspace` is library memory the GPU allocates beside the step (memlint/library_memory.py).
+ROLES = ("parameters", "buffers", "gradients", "optimizer_state", "activations", "inputs", "temporaries",
+         "workspace")
 
 
 @dataclass
@@ -23,6 +25,7 @@ class StorageInfo:
     role: str
     module: str | None
     phase: str
+    elastic: bool = False  # a kernel's scratch that the kernel does without when memory is short (cuDNN's)
 
 
 @dataclass
@@ -46,9 +49,9 @@ class Ledger:
     activation_bytes_by_module: dict[str, int] = field(default_factory=dict)
     iteration_marks: list[int] = field(default_factory=list)
 
-    def allocate(self, nbytes: int, role: str, module: str | None, phase: str) -> int:
+    def allocate(self, nbytes: int, role: str, module: str | None, phase: str, elastic: bool = False) -> int:
         sid = len(self.storages)
-        self.storages.append(StorageInfo(nbytes, role, module, phase))
+        self.storages.append(StorageInfo(nbytes, role, module, phase, elastic))
         self.events.append((ALLOC, sid, ""))
         return sid
 
@@ -61,46 +64,72 @@ class Ledger:
     def mark_iteration(self) -> None:
         self.iteration_marks.append(len(self.events))
 
+    def repeat_last_iteration(self) -> None:
+        """Record the last iteration again, its storages under new ids.
+
+        For an iteration that freed every storage it allocated and nothing it found
+        (``simulate_step`` checks): the next one, starting from the same state, records this.
+        """
+        start, renamed = self.iteration_marks[-1], {}
+        self.mark_iteration()
+        for kind, sid, name in self.events[start:self.iteration_marks[-1]]:
+            if kind == ALLOC:
+                renamed[sid] = len(self.storages)
+                self.storages.append(replace(self.storages[sid]))
+            self.events.append((kind, renamed.get(sid, sid), name))
+
     def set_role(self, sid: int, role: str) -> None:
         """Give a storage its final role (a storage's role is what it turns out to be, e.g. a gradient)."""
         self.storages[sid].role = role
 
     def replay(self, round_size: Callable[[int], int], start: int = 0,
-               on_op: Callable[[int, str, dict[str, int]], None] | None = None) -> Peak:
-        """Walk the events from ``start`` and return the peak of live rounded bytes."""
+               on_op: Callable[[int, str, dict[str, int]], None] | None = None, op_stride: int = 1) -> Peak:
+        """Walk the events from ``start`` and return the peak of live rounded bytes.
+
+        ``on_op`` sees every ``op_stride``-th op marker from ``start`` with the live bytes per role.
+        """
         live_by_role = dict.fromkeys(ROLES, 0)
-        live: dict[int, int] = {}
+        live: set[int] = set()
         total = 0
         best = Peak(0, 0, "", "", dict(live_by_role), {})
-        best_live: dict[int, int] = {}
-        last_op = ""
+        last_op = "/"
+        ops_seen = 0
         for index, (kind, sid, name) in enumerate(self.events):
             if kind == OP:
-                last_op = name.partition("/")[2]
+                last_op = name
                 if on_op is not None and index >= start:
-                    on_op(index, name, live_by_role)
+                    if ops_seen % op_stride == 0:
+                        on_op(index, name, live_by_role)
+                    ops_seen += 1
                 continue
             info = self.storages[sid]
-            size = round_size(info.nbytes)
             if kind == ALLOC:
-                live[sid] = size
+                size = round_size(info.nbytes)
+                live.add(sid)
                 live_by_role[info.role] += size
                 total += size
             elif sid in live:
-                del live[sid]
+                size = round_size(info.nbytes)
+                live.discard(sid)
                 live_by_role[info.role] -= size
                 total -= size
             if index >= start and total > best.total:
-                best = Peak(total, index, info.phase, last_op, dict(live_by_role), {})
-                best_live = dict(live)
-        best.by_module = self._by_module(best_live)
+                best = Peak(total, index, info.phase, last_op.partition("/")[2], dict(live_by_role), {})
+        best.by_module = self._by_module(round_size, best.event_index) if best.total else {}
         return best
 
-    def _by_module(self, live: dict[int, int]) -> dict[str, int]:
+    def _by_module(self, round_size: Callable[[int], int], until: int) -> dict[str, int]:
+        """Live rounded bytes per module just after event ``until`` (a second pass: less than a copy per new peak)."""
+        live: dict[int, None] = {}  # ordered as the allocations
+        for kind, sid, _ in self.events[:until + 1]:
+            if kind == ALLOC:
+                live[sid] = None
+            elif kind == FREE:
+                live.pop(sid, None)
         by_module: dict[str, int] = {}
-        for sid, size in live.items():
+        for sid in live:
             module = self.storages[sid].module or ""
-            by_module[module] = by_module.get(module, 0) + size
+            by_module[module] = by_module.get(module, 0) + round_size(self.storages[sid].nbytes)
         return by_module
 
     def peak_per_iteration(self, round_size: Callable[[int], int]) -> list[int]:
@@ -136,9 +165,9 @@ class Ledger:
             points.append(TimelinePoint(index=index, phase=phase, op=op, module=None,
                                         categories={k: v for k, v in live_by_role.items() if v}))
 
-        self.replay(round_size, start, on_op=record)
-        stride = max(1, -(-len(points) // max_points))
-        return points[::stride]
+        ops = sum(1 for kind, _, _ in self.events[start:] if kind == OP)
+        self.replay(round_size, start, on_op=record, op_stride=max(1, -(-ops // max_points)))
+        return points
 
 
 def _allocations(ledger: Ledger) -> list[tuple[int, int, str]]:
@@ -146,20 +175,26 @@ def _allocations(ledger: Ledger) -> list[tuple[int, int, str]]:
     return [event for event in ledger.events if event[0] != OP]
 
 
+def same_allocations(first: Ledger, second: Ledger) -> bool:
+    """Whether two simulations allocated and freed their storages in the same order, as ``interpolate`` needs.
+
+    They do not where control flow depends on the batch size: then simulate instead.
+    """
+    return len(first.storages) == len(second.storages) and _allocations(first) == _allocations(second)
+
+
 def interpolate(first: Ledger, first_batch: int, second: Ledger, second_batch: int, batch: int) -> Ledger | None:
-    """The ledger at ``batch`` from two simulations, when both ran the same ops in the same order.
+    """The ledger at ``batch`` from two simulations with ``same_allocations``.
 
     Every storage's size is then affine in the batch size (a shape's batch dimension times
-    the rest), so two points determine it; sizes round up, never down. Returns None when the
-    op sequences differ (control flow that depends on the batch): simulate instead.
+    the rest), so two points determine it; sizes round up, never down. Returns None where
+    a size would be negative.
     """
-    if len(first.storages) != len(second.storages) or _allocations(first) != _allocations(second):
-        return None
     span = second_batch - first_batch
     storages = []
     for a, b in zip(first.storages, second.storages):
         size = a.nbytes + -(-(b.nbytes - a.nbytes) * (batch - first_batch) // span)
         if size < 0:
             return None
-        storages.append(StorageInfo(size, a.role, a.module, a.phase))
+        storages.append(replace(a, nbytes=size))
     return Ledger(storages=storages, events=first.events, iteration_marks=first.iteration_marks)

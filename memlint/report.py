@@ -80,6 +80,7 @@ class ModelReport:
     timeline: list[TimelinePoint] = field(default_factory=list)
     batch_size_source: str | None = None
     overhead_bytes: int = 0  # CUDA context + library workspaces: what a card loses at any batch size
+    cublas_workspace_bytes: int = 0  # in peak_allocated_bytes: allocated once per process, per thread
     # Compute and scale (memlint/compute.py, memlint/distributed.py): FLOPs and bytes of one step, its
     # roofline lower-bound time on the target, the strategy the peak is per device of, and what
     # checkpointing each top-level block would save.

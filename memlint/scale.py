@@ -20,6 +20,7 @@ import torch
 from memlint import compute
 from memlint.blocks import checkpointing, top_level_blocks
 from memlint.distributed import UnitMarkers, apply_strategy, plan_strategy
+from memlint.simulate import FIRST_REPEATABLE
 from memlint.targets import Target
 
 
@@ -47,11 +48,15 @@ class ScalePlan:
         return result
 
     def step_counter(self) -> compute.StepCounter:
-        """Counts the last step of the simulation it is passed to."""
-        iterations = 1
+        """Counts the last step of the simulation it is passed to.
+
+        It counts every step from the first one the simulation may repeat instead of running
+        (memlint/simulate.py), each replacing the last's counts: the last step run is then counted.
+        """
+        count_from = 1
         if self.plan is not None and getattr(self.workload, "mode", "train") == "train":
-            iterations = self.plan(self.workload.batch_size).iterations
-        return compute.StepCounter(self.model, self.target, self.blocks, iterations)
+            count_from = min(self.plan(self.workload.batch_size).iterations, FIRST_REPEATABLE)
+        return compute.StepCounter(self.model, self.target, self.blocks, count_from)
 
     def annotate(self, report: Any, counter: compute.StepCounter, result: Any) -> None:
         devices = self.strategy.devices if self.strategy else 1

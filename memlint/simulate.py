@@ -8,8 +8,10 @@ or Python let it go. Roles come from what a storage turns out to be: saved for b
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -17,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from memlint.autocast import CudaAutocastMode
-from memlint.ledger import Ledger
+from memlint.ledger import Ledger, StorageInfo
 from memlint.recompute import modes_survive_recomputation
 
 aten = torch.ops.aten
@@ -79,6 +81,10 @@ class StorageTracker:
             del self.sid_of[key]
             self.ledger.free(sid)
 
+    def live_state(self) -> dict[int, StorageInfo]:
+        """The live storages as they are now (copies): an iteration that ends as it began can be repeated."""
+        return {sid: replace(self.ledger.storages[sid]) for sid in self.sid_of.values()}
+
     def retag(self, tensor: torch.Tensor, role: str, only_from: tuple[str, ...] = ("temporaries",),
               module: str | None = None) -> None:
         sid = self.track(tensor)
@@ -118,12 +124,17 @@ class ValueAssumingMode(TorchDispatchMode):
 
     ``.item()`` gets 1 (ints), 0.5 (floats) or True (bools); ``nonzero``-like ops select every
     element. Without this, stochastic depth or a data-dependent mask would stop the analysis.
+    A loop that waits on a value would never end on a constant answer (``trunc_normal_`` redraws
+    ``while mask.any()``): the same line of the same call asking ``LOOP_LIMIT`` times in a row
+    gets False from then on.
     """
 
     def __init__(self, assumptions: Assumptions, where: str = "") -> None:
         super().__init__()
         self.assumptions = assumptions
         self.where = where
+        self._last_site: tuple[int, str, int] | None = None
+        self._repeats = 0
 
     def note(self, text: str) -> None:
         self.assumptions.add(f"{self.where}: {text}" if self.where else text)
@@ -138,15 +149,15 @@ class ValueAssumingMode(TorchDispatchMode):
         else:
             out = func(*args, **kwargs)
         out = _drop_masked_outputs(func, args, kwargs, out)
-        self.record(func, out)
+        self.record(func, args, out)
         return out
 
-    def record(self, func: Any, out: Any) -> None:
-        """Hook for subclasses that want to see every op's outputs."""
+    def record(self, func: Any, args: tuple, out: Any) -> None:
+        """Hook for subclasses that want to see every op's arguments and outputs."""
 
     def _assumed_scalar(self, tensor: torch.Tensor) -> Any:
         if tensor.dtype == torch.bool:
-            value: Any = True
+            value: Any = self._assumed_bool()
         elif tensor.dtype.is_floating_point or tensor.dtype.is_complex:
             value = 0.5
         else:
@@ -154,24 +165,60 @@ class ValueAssumingMode(TorchDispatchMode):
         self.note(f".item() on a {str(tensor.dtype).removeprefix('torch.')} tensor: assumed {value}")
         return value
 
+    def _assumed_bool(self) -> bool:
+        frame = _calling_frame()
+        site = (id(frame), frame.f_code.co_filename, frame.f_lineno) if frame is not None else None
+        self._repeats = self._repeats + 1 if site == self._last_site else 1
+        self._last_site = site
+        if self._repeats <= LOOP_LIMIT:
+            return True
+        if self._repeats == LOOP_LIMIT + 1 and site is not None:
+            self.note(f"{site[1]}:{site[2]} asked for the same value {LOOP_LIMIT} times in a row (a loop waiting "
+                      "on a value): answered False from then on")
+        return False
+
+
+LOOP_LIMIT = 1000
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_MEMLINT_DIR = os.path.dirname(__file__)
+
+
+def _calling_frame() -> Any:
+    """The innermost frame outside torch and memlint: the line that asked for a value."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith((_TORCH_DIR, _MEMLINT_DIR)):
+        frame = frame.f_back
+    return frame
+
 
 class AllocationRecorder(ValueAssumingMode):
-    """Records every op's output storages in the ledger."""
+    """Records every op's output storages in the ledger, and the scratch memory its GPU kernel takes.
 
-    def __init__(self, tracker: StorageTracker, assumptions: Assumptions) -> None:
+    ``kernel_scratch(func, args, out)`` gives the bytes a kernel borrows from the allocator while it
+    runs and returns before the op ends (cuDNN's workspace): allocated after the outputs, then freed,
+    and elastic: the kernel does without it when the allocator cannot give it (see replay_allocator).
+    """
+
+    def __init__(self, tracker: StorageTracker, assumptions: Assumptions,
+                 kernel_scratch: Callable[[Any, tuple, Any], int] | None = None) -> None:
         super().__init__(assumptions)
         self.tracker = tracker
+        self.kernel_scratch = kernel_scratch
 
     def note(self, text: str) -> None:
         # The optimizer reads its step counters with .item(); that value does not shape memory.
         if self.tracker.phase != "optimizer":
             super().note(text)
 
-    def record(self, func: Any, out: Any) -> None:
-        self.tracker.ledger.mark_op(func.__name__, self.tracker.phase)
+    def record(self, func: Any, args: tuple, out: Any) -> None:
+        ledger = self.tracker.ledger
+        ledger.mark_op(func.__name__, self.tracker.phase)
         for value in tree_flatten(out)[0]:
             if isinstance(value, torch.Tensor):
                 self.tracker.track(value)
+        scratch = self.kernel_scratch(func, args, out) if self.kernel_scratch is not None else 0
+        if scratch:
+            ledger.free(ledger.allocate(scratch, "workspace", self.tracker.module, self.tracker.phase, elastic=True))
 
 
 @contextlib.contextmanager
@@ -207,6 +254,12 @@ class StepPlan:
     optimizer_factory: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None
     autocast_dtype: torch.dtype | None = None
     iterations: int = 3  # as a real loop: step 1 creates the optimizer state, steps 2-3 run with it
+    kernel_scratch: Callable[[Any, tuple, Any], int] | None = None  # see AllocationRecorder
+
+
+# Iteration 1 creates the optimizer state, so it is always simulated; from this one on, an iteration
+# that leaves the state as it found it is repeated rather than simulated again (see simulate_step).
+FIRST_REPEATABLE = 2
 
 
 @dataclass
@@ -220,7 +273,13 @@ class SimulationResult:
 
 def simulate_step(model: torch.nn.Module, plan: StepPlan, fake_mode: Any,
                   extra_modes: tuple[Any, ...] = ()) -> SimulationResult:
-    """Run ``plan.iterations`` steps on fake tensors under an AllocationRecorder."""
+    """Run ``plan.iterations`` steps on fake tensors under an AllocationRecorder.
+
+    An iteration (from ``FIRST_REPEATABLE`` on) that ends with exactly the storages it began
+    with, none of them changed, hands the next one the same state: the next records the same
+    allocations and frees under new ids, so the rest are copied instead of simulated. Extra
+    modes that record against the ledger (``attach``) copy their records too (``repeat_iteration``).
+    """
     ledger = Ledger()
     tracker = StorageTracker(ledger)
     for mode in extra_modes:  # extra modes that mark moments of the step (memlint/distributed.py) see the ledger
@@ -251,19 +310,38 @@ def simulate_step(model: torch.nn.Module, plan: StepPlan, fake_mode: Any,
     with fake_mode, contextlib.ExitStack() as stack:
         for mode in extra_modes:
             stack.enter_context(mode)
-        stack.enter_context(AllocationRecorder(tracker, assumptions))
+        stack.enter_context(AllocationRecorder(tracker, assumptions, plan.kernel_scratch))
         stack.enter_context(module_scope(tracker, model))
         stack.enter_context(modes_survive_recomputation())
         optimizer = plan.optimizer_factory(params) if plan.mode == "train" and plan.optimizer_factory else None
         model.train(plan.mode == "train")
-        for _ in range(plan.iterations if plan.mode == "train" else 1):
+        iterations = plan.iterations if plan.mode == "train" else 1
+        for number in range(1, iterations + 1):
+            state, notes = tracker.live_state(), dict(assumptions.notes)
             ledger.mark_iteration()
             activation_by_module.clear()  # report what one step saves: the last one's
             output = _one_iteration(model, plan, tracker, optimizer, pack)
+            if FIRST_REPEATABLE <= number < iterations and tracker.live_state() == state:
+                _repeat_last_iteration(ledger, assumptions, notes, extra_modes, iterations - number)
+                break
         for hook in grad_hooks:
             hook.remove()
     return SimulationResult(ledger, assumptions.render(), activation_by_module,
                             {sid: name for sid, name in _param_sids(tracker, model)}, output)
+
+
+def _repeat_last_iteration(ledger: Ledger, assumptions: Assumptions, notes_before: dict[str, int],
+                           extra_modes: tuple[Any, ...], times: int) -> None:
+    """Record the last iteration ``times`` more, with the assumptions it noted and the extra modes' records."""
+    noted = {note: count - notes_before.get(note, 0) for note, count in assumptions.notes.items()}
+    for _ in range(times):
+        shift = len(ledger.events) - ledger.iteration_marks[-1]
+        ledger.repeat_last_iteration()
+        for mode in extra_modes:
+            if hasattr(mode, "attach"):
+                mode.repeat_iteration(shift)
+        for note, count in noted.items():
+            assumptions.notes[note] += count
 
 
 def _one_iteration(model: torch.nn.Module, plan: StepPlan, tracker: StorageTracker,

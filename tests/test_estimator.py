@@ -140,3 +140,53 @@ def test_tied_weights_are_counted_once():
                      1.0, find_max_batch=False)
     assert report.breakdown["parameters"] == round_size(1000 * 64 * 4)
     assert report.breakdown["gradients"] <= round_size(1000 * 64 * 4)
+
+
+class NormalisedDataDependent(DataDependent):
+    """Batch norm (its buffers change in place every step) after the data-dependent ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(super().forward(x))
+
+
+@pytest.mark.parametrize("strategy", ["none", "fsdp"])
+def test_a_repeated_iteration_records_what_simulating_it_would(monkeypatch, strategy):
+    """An iteration that leaves the state as it found it is copied, not simulated (memlint/simulate.py):
+    the ledger, the strategy's unit marks, the FLOP counts and the assumptions must equal a full simulation's."""
+    import memlint.simulate
+
+    estimator = Estimator(Workload(name="model", path="model.py", line=1, build=NormalisedDataDependent,
+                                   example_inputs=None, loss_fn=None, build_optimizer=None, batch_size=8,
+                                   input_shape=(64,), input_dtype="float32", optimizer="adam", precision="fp32",
+                                   mode="train", strategy=strategy, devices=2), resolve_target("h100-80gb"), 1.0)
+    estimator.simulate(8)  # the first simulation of a fake mode records a few more metadata ops (a cold cache)
+
+    def simulate() -> tuple:
+        counter = estimator.scale.step_counter()
+        result = estimator.simulate(8, (counter,))
+        return (result.ledger.events, result.ledger.storages, result.ledger.iteration_marks, result.assumptions,
+                result.activation_bytes_by_module, counter.total_flops, counter.total_bytes, counter.forward,
+                counter.backward, counter.moved)
+
+    repeated = simulate()
+    monkeypatch.setattr(memlint.simulate, "FIRST_REPEATABLE", estimator.plan(8).iterations + 1)
+    assert len(repeated[2]) == 3 and repeated == simulate()
+
+
+@pytest.mark.parametrize("batch, answer_simulated", [(8, False), (2000, True), (6000, True)])
+def test_the_answer_is_simulated_where_that_can_change_its_verdict(monkeypatch, batch, answer_simulated):
+    """The largest batch is evaluated again with a simulation at it only where that simulation would
+    take part in its interpolation (an answer between or below the simulated sizes, not beyond them)."""
+    def search() -> tuple:
+        estimator = Estimator(workload(mlp, batch, shape=(512,)), resolve_target("mem:128MiB"), 1.0)
+        estimator.simulated_ledger(batch)
+        answer = estimator.max_batch_size()
+        return answer, estimator.evaluations[answer].reserved, answer in estimator.simulated
+
+    answer, reserved, simulated = search()
+    monkeypatch.setattr(Estimator, "_interpolated_regardless", lambda self, batch_size: False)
+    assert simulated == answer_simulated and (answer, reserved) == search()[:2]

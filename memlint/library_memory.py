@@ -1,0 +1,97 @@
+"""Memory that CUDA libraries take from the caching allocator, which a CPU simulation never sees.
+
+cuBLAS: PyTorch gives every (cuBLAS handle, stream) pair a workspace from the caching allocator
+the first time that handle runs a matmul, and keeps it for the life of the process
+(``getCurrentCUDABlasHandle`` and ``cublas_handle_stream_to_workspace`` in
+aten/src/ATen/cuda/CublasHandlePool.cpp; cuBLASLt shares it). Handles are per thread, and
+autograd runs CUDA backward on its own device thread (torch/csrc/autograd/engine.cpp), so a
+training step that multiplies matrices in forward and in backward holds two workspaces. Their
+size is CUBLAS_WORKSPACE_CONFIG's default, ":4096:8" (32 MiB) on compute capability 9.0 and
+newer, ":4096:2:16:8" (8 MiB + 128 KiB) before.
+
+Measured on an H200 (benchmarks/measurements/h200_2026-11-26.json, ``probe``): 32 MiB more
+allocated after the first matmul, 32 MiB more after the first backward through a linear layer;
+a training step in a fresh process peaks 64 MiB above the same step measured after a warm-up
+that ran both (the calibration protocol's ``base``).
+
+cuDNN: a convolution asks the caching allocator for a workspace for the algorithm cuDNN's
+heuristics pick and gives it back before returning (``cudnn_convolution_*`` in
+aten/src/ATen/native/cudnn/Conv_v8.cpp; a plan whose workspace cannot be allocated is skipped for
+the next one). Its size is cuDNN's choice, not PyTorch's, so it is modelled from what was measured:
+every convolution of one training step of 12 torchvision CNNs on an H200 with cuDNN 9.19
+(benchmarks/measurements/h200_2026-11-26_conv_workspace.json, 1,400 calls). The kernels run on
+channels-last data, and the workspace of a k x k convolution is about one copy of each operand in
+that layout: forward input + weight + output (median measured/modelled 1.00 over 208 calls);
+backward the same plus the input gradient, which the data pass writes before the filter pass runs
+(median 0.91 over 208 calls; input + weight + output alone would be 1.25, too low on 77% of them).
+A 1 x 1 convolution is a GEMM on the NCHW data: no workspace forward (85% of 427 calls took none),
+input + weight + output backward (median 0.50: on the high side). Depthwise convolutions run
+PyTorch's own kernels, which take none (forward all 70 calls; backward 55 of 70).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from memlint.ledger import OP, Ledger
+
+CUBLAS_WORKSPACE_HOPPER = 4096 * 1024 * 8
+CUBLAS_WORKSPACE_OLDER = 4096 * 1024 * 2 + 16 * 1024 * 8
+
+# aten ops that run on cuBLAS / cuBLASLt (attention kernels and cuDNN convolutions do not).
+BLAS_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "addbmm", "_addmm_activation", "mv", "addmv", "dot", "vdot",
+                      "addr", "_scaled_mm", "_int_mm"})
+
+# Which thread runs a phase of the simulated step on a GPU: autograd's device thread runs backward
+# (and the forward recomputed by activation checkpointing inside it); the calling thread the rest.
+AUTOGRAD_THREAD_PHASES = frozenset({"backward"})
+
+
+def cublas_workspace_bytes(capability: tuple[int, int] | None) -> int:
+    """One handle's workspace on a device of this compute capability (None: assume a current one)."""
+    return CUBLAS_WORKSPACE_HOPPER if capability is None or capability >= (9, 0) else CUBLAS_WORKSPACE_OLDER
+
+
+def add_cublas_workspaces(ledger: Ledger, workspace_bytes: int) -> int:
+    """Allocate one workspace, never freed, at the first matmul of each thread that runs one.
+
+    The ledger is changed in place: the workspaces then count in every peak, timeline and
+    allocator replay like any other block, and only where the step really uses cuBLAS.
+    Returns the bytes added.
+    """
+    if workspace_bytes <= 0:
+        return 0
+    first_matmul: dict[bool, int] = {}
+    for index, (kind, _, name) in enumerate(ledger.events):
+        if kind != OP:
+            continue
+        phase, _, op = name.partition("/")
+        if op.partition(".")[0] in BLAS_OPS:
+            first_matmul.setdefault(phase in AUTOGRAD_THREAD_PHASES, index)
+            if len(first_matmul) == 2:
+                break
+    for index in sorted(first_matmul.values(), reverse=True):
+        phase = ledger.events[index][2].partition("/")[0]
+        ledger.allocate(workspace_bytes, "workspace", None, phase)
+        ledger.events.insert(index + 1, ledger.events.pop())
+        ledger.iteration_marks = [mark + (mark > index) for mark in ledger.iteration_marks]
+    return workspace_bytes * len(first_matmul)
+
+
+def cudnn_workspace_bytes(func: Any, args: tuple, out: Any) -> int:
+    """The workspace a convolution op borrows while it runs on cuDNN (0 for every other op)."""
+    import torch
+
+    aten = torch.ops.aten
+    backward = func is aten.convolution_backward.default
+    if func is aten.convolution.default:
+        data, weight, groups, result = args[0], args[1], args[8], out
+    elif backward:
+        result, data, weight, groups = args[0], args[1], args[2], args[9]
+    else:
+        return 0
+    pointwise = math.prod(weight.shape[2:]) == 1
+    if (groups > 1 and groups == data.shape[1]) or (pointwise and not backward):  # depthwise, 1 x 1 forward
+        return 0
+    operands = [data, weight, result] + ([data] if backward and not pointwise else [])
+    return sum(t.numel() * t.element_size() for t in operands)

@@ -1,0 +1,167 @@
+"""What the GPU does that a CPU simulation cannot see: library workspaces, kernel choice, values at build time.
+
+Each mechanism is checked on a small real model through the real estimator; the numbers it was
+modelled from were measured on an H200 (benchmarks/measurements/h200_2026-11-26*.json).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import memlint.gpu_kernels
+from memlint.allocator import OutOfMemory, replay_allocator, round_size
+from memlint.estimator import Workload, analyse
+from memlint.ledger import Ledger
+from memlint.library_memory import CUBLAS_WORKSPACE_HOPPER, CUBLAS_WORKSPACE_OLDER, cudnn_workspace_bytes
+from memlint.targets import resolve_target
+
+MiB = 1 << 20
+
+
+def workload(build, batch=4, *, shape, mode="train", precision="fp32") -> Workload:
+    return Workload(name="model", path="model.py", line=1, build=build, example_inputs=None, loss_fn=None,
+                    build_optimizer=None, batch_size=batch, input_shape=shape, input_dtype="float32",
+                    optimizer="sgd", precision=precision, mode=mode)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+
+
+def convnet() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.Flatten(1),
+                         nn.AdaptiveAvgPool1d(4))
+
+
+def test_training_holds_one_cublas_workspace_per_thread():
+    """Forward runs on the calling thread, backward on autograd's device thread: two handles, two workspaces."""
+    train = analyse(workload(mlp, shape=(64,)), resolve_target("h200"), 1.0, find_max_batch=False)
+    infer = analyse(workload(mlp, shape=(64,), mode="infer"), resolve_target("h200"), 1.0, find_max_batch=False)
+    assert train.cublas_workspace_bytes == 2 * CUBLAS_WORKSPACE_HOPPER
+    assert infer.cublas_workspace_bytes == CUBLAS_WORKSPACE_HOPPER
+    assert train.peak_allocated_bytes > 2 * CUBLAS_WORKSPACE_HOPPER
+
+
+def test_workspace_size_follows_the_compute_capability_and_the_kind_of_target():
+    older = analyse(workload(mlp, shape=(64,)), resolve_target("gtx1080ti"), 1.0, find_max_batch=False)
+    host = analyse(workload(mlp, shape=(64,)), resolve_target("cpu:8GiB"), 1.0, find_max_batch=False)
+    assert older.cublas_workspace_bytes == 2 * CUBLAS_WORKSPACE_OLDER
+    assert host.cublas_workspace_bytes == 0
+
+
+def test_a_step_without_matmuls_takes_no_cublas_workspace():
+    report = analyse(workload(convnet, shape=(3, 16, 16)), resolve_target("h200"), 1.0, find_max_batch=False)
+    assert report.cublas_workspace_bytes == 0
+
+
+def test_cudnn_workspace_is_a_copy_of_the_operands_of_a_spatial_convolution():
+    """Channels-last copies of input, weight and output; backward also of the input gradient."""
+    x, w = torch.empty(8, 16, 32, 32), torch.empty(32, 16, 3, 3)
+    out = F.conv2d(x, w, padding=1)
+    operands = (x.numel() + w.numel() + out.numel()) * 4
+    conv = torch.ops.aten.convolution.default
+    assert cudnn_workspace_bytes(conv, (x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1), out) == operands
+    backward = torch.ops.aten.convolution_backward.default
+    args = (out, x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
+    assert cudnn_workspace_bytes(backward, args, (x, w, None)) == operands + x.numel() * 4  # and the input gradient
+
+
+def test_pointwise_and_depthwise_convolutions_take_no_cudnn_workspace():
+    conv = torch.ops.aten.convolution.default
+    x = torch.empty(8, 16, 32, 32)
+    pointwise = torch.empty(32, 16, 1, 1)
+    assert cudnn_workspace_bytes(conv, (x, pointwise, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1),
+                                 F.conv2d(x, pointwise)) == 0
+    depthwise = torch.empty(16, 1, 3, 3)
+    assert cudnn_workspace_bytes(conv, (x, depthwise, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 16),
+                                 F.conv2d(x, depthwise, padding=1, groups=16)) == 0
+    assert cudnn_workspace_bytes(torch.ops.aten.mm.default, (x, x), x) == 0
+
+
+def test_the_cudnn_workspace_counts_on_a_gpu_target_only():
+    gpu = analyse(workload(convnet, batch=32, shape=(3, 64, 64)), resolve_target("mem:8GiB"), 1.0,
+                  find_max_batch=False)
+    host = analyse(workload(convnet, batch=32, shape=(3, 64, 64)), resolve_target("cpu:8GiB"), 1.0,
+                   find_max_batch=False)
+    assert gpu.peak_allocated_bytes > host.peak_allocated_bytes
+
+
+class GroupedQueryAttention(nn.Module):
+    """8 query heads sharing 2 key/value heads, as Llama-style models call SDPA with enable_gqa."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.query, self.key_value = nn.Linear(64, 64), nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q = self.query(x).view(batch, length, 8, 8).transpose(1, 2)
+        k, v = self.key_value(x).view(batch, length, 2, 2, 8).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum(-1)
+
+
+def test_fp32_grouped_query_attention_runs_the_math_path_where_the_efficient_kernel_refuses_it(monkeypatch):
+    """PyTorch before 2.14: no fused CUDA kernel takes fp32 GQA, so the L x L matrix is saved."""
+    length = 256
+    peaks = {}
+    for takes_gqa in (True, False):
+        monkeypatch.setattr(memlint.gpu_kernels, "EFFICIENT_ATTENTION_TAKES_GQA", takes_gqa)
+        peaks[takes_gqa] = analyse(workload(GroupedQueryAttention, shape=(length, 64)), resolve_target("h200"), 1.0,
+                                   find_max_batch=False).breakdown["activations"]
+    attention_matrix = 4 * 8 * length * length * 4  # (B, H, L, L) fp32: the softmax the math path saves
+    assert peaks[False] >= attention_matrix > 4 * peaks[True]
+
+
+class WidthsFromTensors(nn.Module):
+    """Layer widths computed with tensors, as torchvision's RegNet does (arange, round, tolist)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        widths = (torch.arange(1, 4) * 48.0).round().int().tolist()
+        self.layers = nn.Sequential(nn.Linear(16, widths[0]), *[nn.Linear(a, b) for a, b in zip(widths, widths[1:])])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def test_values_computed_while_building_are_the_real_ones():
+    report = analyse(workload(WidthsFromTensors, shape=(16,)), resolve_target("cpu:8GiB"), 1.0, find_max_batch=False)
+    expected = sum(round_size(p.numel() * 4) for p in WidthsFromTensors().parameters())
+    assert report.breakdown["parameters"] == expected
+    assert not any(".item()" in note for note in report.assumptions)
+
+
+class RedrawsUntilInRange(nn.Module):
+    """An initialiser that redraws ``while mask.any()``, on a tensor too large to compute for real."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(512, 512))
+        with torch.no_grad():
+            self.weight.normal_()
+            while (self.weight.abs() > 100).any():
+                self.weight.normal_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight
+
+
+def test_a_loop_waiting_on_a_value_ends_and_is_reported():
+    report = analyse(workload(RedrawsUntilInRange, shape=(512,)), resolve_target("cpu:8GiB"), 1.0,
+                     find_max_batch=False)
+    assert report.breakdown["parameters"] == 512 * 512 * 4
+    assert any("a loop waiting on a value" in note for note in report.assumptions)
+
+
+def test_a_convolution_does_without_its_workspace_when_memory_is_short():
+    """cuDNN falls back to a plan that needs less workspace; a tensor that does not fit is an out-of-memory error."""
+    ledger = Ledger()
+    ledger.free(ledger.allocate(64 * MiB, "workspace", None, "backward", elastic=True))
+    kept = ledger.allocate(16 * MiB, "activations", None, "forward")
+    assert replay_allocator(ledger, cap_bytes=32 * MiB).peak_allocated == 16 * MiB
+    ledger.free(kept)
+    ledger.allocate(64 * MiB, "activations", None, "forward")
+    with pytest.raises(OutOfMemory):
+        replay_allocator(ledger, cap_bytes=32 * MiB)
