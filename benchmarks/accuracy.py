@@ -32,16 +32,19 @@ memlint.gpu_kernels.EFFICIENT_ATTENTION_TAKES_GQA = False
 from memlint.targets import resolve_target  # noqa: E402
 
 
-def records(calibration: Path, measurements: bool = True) -> Iterator[dict[str, Any]]:
+def records(calibration: Path, sources: str = "all") -> Iterator[dict[str, Any]]:
     """Every training-peak record, normalised to model/batch/optimizer/precision/seq/checkpointing/measured."""
-    files = [calibration / "h200_public.json", calibration / "h200_public_more.json",
-             *(sorted((HERE / "measurements").glob("*.json")) if measurements else [])]
+    shared = [calibration / "h200_public.json", calibration / "h200_public_more.json"]
+    measured_here = sorted((HERE / "measurements").glob("*.json"))
+    files = (shared if sources in ("all", "calibration") else []) + \
+        (measured_here if sources in ("all", "measurements") else [])
     for file in files:
         if not file.exists():
             continue
         data = json.loads(file.read_text())
         for record in [*data.get("steps", []), *data.get("fresh", [])]:
-            yield {"set": "fresh" if record.get("fresh_process") else "steps", "model": record["model"], "batch": record["batch"], "optimizer": record["optimizer"],
+            yield {"set": "fresh" if record.get("fresh_process") else "steps", "model": record["model"],
+                   "batch": record["batch"], "optimizer": record["optimizer"],
                    "precision": "bf16-mixed" if record.get("amp") else "fp32", "measured": record["train_peak"],
                    "infer": record.get("infer_peak_delta"), "param_bytes": record.get("param_bytes"),
                    "buffer_bytes": record.get("buffer_bytes")}
@@ -75,9 +78,11 @@ def estimate(record: dict[str, Any], target: str = "h200") -> int:
     return report.peak_allocated_bytes - (0 if record["set"] == "fresh" else report.cublas_workspace_bytes)
 
 
-def maxbatch_records(calibration: Path, measurements: bool = True) -> Iterator[dict[str, Any]]:
-    for file in (calibration / "h200_public.json",
-                 *(sorted((HERE / "measurements").glob("*.json")) if measurements else [])):
+def maxbatch_records(calibration: Path, sources: str = "all") -> Iterator[dict[str, Any]]:
+    shared = [calibration / "h200_public.json"]
+    measured_here = sorted((HERE / "measurements").glob("*.json"))
+    for file in (shared if sources in ("all", "calibration") else []) + \
+            (measured_here if sources in ("all", "measurements") else []):
         if file.exists():
             yield from json.loads(file.read_text()).get("maxbatch", [])
 
@@ -169,9 +174,9 @@ def estimate_inference(record: dict[str, Any]) -> int:
 
 def print_inference(args: argparse.Namespace, have_vision: bool) -> None:
     print("\nInference (--mode infer) vs infer_peak_delta: peak of one no_grad forward above the weights")
-    print(f"{'model':<14}{'batch':>6}  {'precision':<11}{'measured MB':>12}{'memlint MB':>12}{'err':>8}")
+    print(f"{'model':<20}{'batch':>6}  {'precision':<11}{'measured MB':>12}{'memlint MB':>12}{'err':>8}")
     errors, seen = [], set()
-    for record in records(args.calibration, not args.calibration_only):
+    for record in records(args.calibration, args.records):
         key = (record["model"], record["batch"], record["precision"])
         if record.get("infer") is None or key in seen or (args.only and record["model"] != args.only) or (
                 record["model"] in IMAGE_MODELS and not have_vision):
@@ -180,7 +185,7 @@ def print_inference(args: argparse.Namespace, have_vision: bool) -> None:
         estimated = estimate_inference(record)
         err = error(estimated, record["infer"])
         errors.append(err)
-        print(f"{record['model']:<14}{record['batch']:>6}  {record['precision']:<11}{record['infer'] / 1e6:>12.1f}"
+        print(f"{record['model']:<20}{record['batch']:>6}  {record['precision']:<11}{record['infer'] / 1e6:>12.1f}"
               f"{estimated / 1e6:>12.1f}{err:>+8.1%}")
     print(summary("inference", errors))
 
@@ -188,14 +193,14 @@ def print_inference(args: argparse.Namespace, have_vision: bool) -> None:
 def print_max_batch(args: argparse.Namespace, have_vision: bool) -> None:
     print("\nLargest batch under a capacity (maxbatch): measured vs memlint --target mem:CAP --threshold 1.0")
     errors = []
-    print(f"{'model':<14}{'cap':<7}{'measured':>9}{'memlint':>9}{'err':>8}")
-    for record in maxbatch_records(args.calibration, not args.calibration_only):
+    print(f"{'model':<20}{'cap':<7}{'measured':>9}{'memlint':>9}{'err':>8}")
+    for record in maxbatch_records(args.calibration, args.records):
         if (args.only and record["model"] != args.only) or (record["model"] in IMAGE_MODELS and not have_vision):
             continue
         estimated = estimate_max_batch(record)
         err = error(estimated, record["max_batch"])
         errors.append(err)
-        print(f"{record['model']:<14}{record['cap']:<7}{record['max_batch']:>9}{estimated!s:>9}{err:>+8.1%}")
+        print(f"{record['model']:<20}{record['cap']:<7}{record['max_batch']:>9}{estimated!s:>9}{err:>+8.1%}")
     print(summary("max batch", errors))
 
 
@@ -205,8 +210,8 @@ def main() -> int:
     parser.add_argument("--only", help="only records of this model")
     parser.add_argument("--peers", action="store_true", help="also run MemTracker and torchinfo")
     parser.add_argument("--no-maxbatch", action="store_true", help="skip the largest-batch records")
-    parser.add_argument("--calibration-only", action="store_true",
-                        help="only the shared calibration files, not benchmarks/measurements")
+    parser.add_argument("--records", choices=("all", "calibration", "measurements"), default="all",
+                        help="the shared calibration files, benchmarks/measurements, or both")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown for the README")
     args = parser.parse_args()
     have_vision = torchvision_available()
@@ -215,7 +220,7 @@ def main() -> int:
         columns += ["MemTracker GB", "err", "torchinfo GB", "err"]
     rows, results = [], {"memlint": [], "MemTracker": [], "torchinfo": []}
     skipped = 0
-    for record in records(args.calibration, not args.calibration_only):
+    for record in records(args.calibration, args.records):
         if args.only and record["model"] != args.only:
             continue
         if record["model"] in IMAGE_MODELS and not have_vision:

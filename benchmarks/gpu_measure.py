@@ -194,11 +194,16 @@ def measure_step(name: str, batch: int, optimizer_name: str, amp: bool = False, 
     return record
 
 
-def time_step(name: str, batch: int, amp: bool) -> dict:
+def ready_to_train(name: str, optimizer_name: str = "sgd") -> tuple[Any, torch.nn.Module, Any]:
+    """The workload's spec, its model on the device in train mode, and the optimizer."""
     clean()
     spec = spec_for(name)
     model = spec.build().to(device()).train()
-    optimizer = OPTIMIZERS["sgd"](list(model.parameters()))
+    return spec, model, OPTIMIZERS[optimizer_name](list(model.parameters()))
+
+
+def time_step(name: str, batch: int, amp: bool) -> dict:
+    spec, model, optimizer = ready_to_train(name)
     seconds = []
     for index in range(13):
         if CUDA:
@@ -216,12 +221,9 @@ def time_step(name: str, batch: int, amp: bool) -> dict:
 
 def runs(name: str, batch: int, cap: int) -> bool:
     """Two SGD-momentum steps under the capacity, as the protocol's maxbatch search."""
-    clean()
-    spec = spec_for(name)
     model = optimizer = None
     try:
-        model = spec.build().to(device()).train()
-        optimizer = OPTIMIZERS["sgd"](list(model.parameters()))
+        spec, model, optimizer = ready_to_train(name)
         for _ in range(2):
             training_step(model, spec, batch, optimizer, False)
         return True
@@ -279,10 +281,7 @@ class ConvWorkspaceLog(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def conv_workspaces(name: str, batch: int, amp: bool) -> dict:
-    clean()
-    spec = spec_for(name)
-    model = spec.build().to(device()).train()
-    optimizer = OPTIMIZERS["sgd"](list(model.parameters()))
+    spec, model, optimizer = ready_to_train(name)
     training_step(model, spec, batch, optimizer, amp)  # warm: cuDNN's heuristics and plans cached
     log = ConvWorkspaceLog()
     with log:
@@ -294,10 +293,7 @@ def conv_workspaces(name: str, batch: int, amp: bool) -> dict:
 
 def allocation_trace(name: str, batch: int, optimizer_name: str) -> dict:
     """The caching allocator's events over one step after two warm-ups, as shared/calibration/snapshots."""
-    clean()
-    spec = spec_for(name)
-    model = spec.build().to(device()).train()
-    optimizer = OPTIMIZERS[optimizer_name](list(model.parameters()))
+    spec, model, optimizer = ready_to_train(name, optimizer_name)
     for _ in range(2):
         training_step(model, spec, batch, optimizer, False)
     clean()

@@ -53,29 +53,28 @@ def cublas_workspace_bytes(capability: tuple[int, int] | None) -> int:
 
 
 def add_cublas_workspaces(ledger: Ledger, workspace_bytes: int) -> int:
-    """Allocate one workspace, never freed, at the first matmul of each thread that runs one.
+    """Allocate one workspace, never freed, for each thread of the step that multiplies matrices.
 
-    The ledger is changed in place: the workspaces then count in every peak, timeline and
-    allocator replay like any other block, and only where the step really uses cuBLAS.
-    Returns the bytes added.
+    The workspaces are allocated before the first iteration: a process keeps them from its first
+    step on, so every later step (every step an inference server runs, too) starts with them. The
+    ledger is changed in place, so they count in every peak, timeline and allocator replay, and
+    only where the step really uses cuBLAS. Returns the bytes added.
     """
-    if workspace_bytes <= 0:
-        return 0
-    first_matmul: dict[bool, int] = {}
-    for index, (kind, _, name) in enumerate(ledger.events):
-        if kind != OP:
-            continue
+    threads = []
+    for kind, _, name in ledger.events:
         phase, _, op = name.partition("/")
-        if op.partition(".")[0] in BLAS_OPS:
-            first_matmul.setdefault(phase in AUTOGRAD_THREAD_PHASES, index)
-            if len(first_matmul) == 2:
+        if kind == OP and op.partition(".")[0] in BLAS_OPS and (phase in AUTOGRAD_THREAD_PHASES) not in threads:
+            threads.append(phase in AUTOGRAD_THREAD_PHASES)
+            if len(threads) == 2:
                 break
-    for index in sorted(first_matmul.values(), reverse=True):
-        phase = ledger.events[index][2].partition("/")[0]
-        ledger.allocate(workspace_bytes, "workspace", None, phase)
-        ledger.events.insert(index + 1, ledger.events.pop())
-        ledger.iteration_marks = [mark + (mark > index) for mark in ledger.iteration_marks]
-    return workspace_bytes * len(first_matmul)
+    if workspace_bytes <= 0 or not threads:
+        return 0
+    start = ledger.iteration_marks[0] if ledger.iteration_marks else len(ledger.events)
+    for on_autograd_thread in threads:
+        ledger.allocate(workspace_bytes, "workspace", None, "backward" if on_autograd_thread else "forward")
+        ledger.events.insert(start, ledger.events.pop())
+    ledger.iteration_marks = [mark + len(threads) * (mark > start) for mark in ledger.iteration_marks]
+    return workspace_bytes * len(threads)
 
 
 def cudnn_workspace_bytes(func: Any, args: tuple, out: Any) -> int:
