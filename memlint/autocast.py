@@ -4,9 +4,9 @@
 layer norm, softmax, ``pow``, ``exp`` and the losses run in fp32, so their inputs are cast up
 (a real copy, often saved for backward) and their outputs are fp32. The memory of a
 mixed-precision step depends on exactly that, so this mode applies the CUDA policy of
-aten/src/ATen/autocast_mode.cpp (``KERNEL_CUDA`` lists) at the torch-function level, with
-autocast's cache of weight casts (``cached_cast``: leaf tensors that require grad are cast
-once per autocast region).
+aten/src/ATen/autocast_mode.cpp (``KERNEL_CUDA`` lists) at the torch-function level, inside
+torch.nn.functional's composites too (memlint/function_modes.py), with autocast's cache of
+weight casts (``cached_cast``: leaf tensors that require grad are cast once per autocast region).
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
+
+from memlint.function_modes import SeeThroughMode
 
 T = torch.Tensor
 
@@ -54,7 +55,7 @@ def _eligible(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float64
 
 
-class CudaAutocastMode(TorchFunctionMode):
+class CudaAutocastMode(SeeThroughMode):
     """``torch.autocast("cuda", dtype=...)`` semantics for the ops that decide memory."""
 
     def __init__(self, dtype: torch.dtype) -> None:
@@ -90,4 +91,4 @@ class CudaAutocastMode(TorchFunctionMode):
             if tensors:
                 widest = max((t.dtype for t in tensors), key=lambda d: torch.finfo(d).bits)
                 args, kwargs = tree_map(lambda v: self._cast(v, widest), (args, kwargs))
-        return func(*args, **kwargs)
+        return self.call(func, args, kwargs)

@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+
+from memlint.function_modes import SeeThroughMode
 
 LSE_PAD = 32  # kAlignLSE in the memory-efficient attention kernel
 
@@ -102,7 +103,7 @@ def _gpu_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inp
     return torch.ops.aten.native_dropout(input, p, True)[0]
 
 
-class GpuKernelMode(TorchFunctionMode):
+class GpuKernelMode(SeeThroughMode):
     """Routes the functions above to their CUDA-kernel stand-ins during a simulation."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
@@ -111,4 +112,4 @@ class GpuKernelMode(TorchFunctionMode):
             return _gpu_sdpa(*args, **kwargs)
         if func is F.dropout or func is torch.dropout:
             return _gpu_dropout(*args, **kwargs)
-        return func(*args, **kwargs)
+        return self.call(func, args, kwargs)

@@ -165,3 +165,22 @@ def test_a_convolution_does_without_its_workspace_when_memory_is_short():
     ledger.allocate(64 * MiB, "activations", None, "forward")
     with pytest.raises(OutOfMemory):
         replay_allocator(ledger, cap_bytes=32 * MiB)
+
+
+class TorchMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` calls ``F.multi_head_attention_forward``, a composite that dispatches itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(128, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+def test_autocast_applies_inside_multihead_attention():
+    """On a GPU autocast works at the dispatcher, so the composite's projections run in bf16 as well."""
+    saved = {precision: analyse(workload(TorchMultiheadAttention, batch=8, shape=(64, 128), precision=precision),
+                                resolve_target("h200"), 1.0, find_max_batch=False).breakdown["activations"]
+             for precision in ("fp32", "bf16-mixed")}
+    assert saved["bf16-mixed"] < 0.6 * saved["fp32"]
