@@ -21,7 +21,8 @@ still returns what it measured:
 * ``maxbatch``: the largest batch that runs two SGD steps under a capacity, in steps.json.
 * ``traces.json`` (phase ``trace``): the caching allocator's alloc/free events over one step.
 
-``--second`` measures the second round of held-out models (``HELD_OUT_2``) instead of the first.
+``--second`` measures the second round of held-out models (``HELD_OUT_2``) instead of the first;
+``--conv model:batch[:bf16],...`` logs the convolution workspaces of other steps.
 
 ``--device cpu --quick`` runs every code path on tiny batches without CUDA (numbers are zero), to
 test the script before spending GPU time.
@@ -378,6 +379,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny batches, a few models: test the script")
     parser.add_argument("--phases", default="probe,steps,conv,fresh,times,maxbatch")
     parser.add_argument("--second", action="store_true", help="the second round: other held-out models, traces")
+    parser.add_argument("--conv", help="conv phase jobs instead of the default ones: model:batch[:bf16],...")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     phases = args.phases.split(",")
@@ -397,8 +399,12 @@ def main() -> int:
             steps.append((measure_step, (name, middle, "adam", True)))
         record_all(args.out, "steps.json", "steps", steps, data)
     if "conv" in phases:
-        jobs = [(conv_workspaces, (m, shrink(b), False)) for m, b in CONV_MODELS[: 2 if args.quick else None]]
-        jobs += [(conv_workspaces, ("resnet50", shrink(16), True))]
+        if args.conv:
+            jobs = [(conv_workspaces, (m, shrink(int(b)), amp == "bf16"))
+                    for m, b, amp in (f"{job}:".split(":")[:3] for job in args.conv.split(","))]
+        else:
+            jobs = [(conv_workspaces, (m, shrink(b), False)) for m, b in CONV_MODELS[: 2 if args.quick else None]]
+            jobs += [(conv_workspaces, ("resnet50", shrink(16), True))]
         record_all(args.out, "conv_workspace.json", "conv", jobs, {"env": data["env"]})
     if "fresh" in phases:
         jobs = [(in_child, ("fresh", m, shrink(b), o)) for m, b, o in FRESH[: 1 if args.quick else None]]
