@@ -8,7 +8,6 @@ report and the diagnostics point at.
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -20,10 +19,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from memlint.errors import ModelError
 from memlint.loader import user_line
-from memlint.simulate import Assumptions, ValueAssumingMode
+from memlint.simulate import LIBRARY_DIRS, Assumptions, ValueAssumingMode
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_SKIP_DIRS = (_TORCH_DIR, os.path.dirname(__file__))
 
 
 # Tensors of up to this many elements are also computed for real while the model is built.
@@ -118,7 +115,7 @@ def record_creation_sites(sites: dict[int, str]) -> Iterator[None]:
         frame = sys._getframe(1)
         while frame is not None:
             filename = frame.f_code.co_filename
-            if frame.f_locals.get("self") is not self and not filename.startswith(_SKIP_DIRS):
+            if frame.f_locals.get("self") is not self and not filename.startswith(LIBRARY_DIRS):
                 sites[id(self)] = f"{filename}:{frame.f_lineno}"
                 break
             frame = frame.f_back

@@ -15,7 +15,8 @@ from memlint.allocator import CachingAllocatorModel, OutOfMemory, replay_allocat
 from memlint.build import SmallValuesMode, build_fake_model, fake_parameter_conversions, new_fake_mode
 from memlint.errors import ModelError
 from memlint.gpu_kernels import GpuKernelMode
-from memlint.library_memory import add_cublas_workspaces, cublas_workspace_bytes, cudnn_workspace_bytes
+from memlint.library_memory import (add_cublas_workspaces, cublas_workspace_bytes, cudnn_workspace_bytes,
+                                    persistent_workspace_bytes)
 from memlint.ledger import Ledger, interpolate, same_allocations
 from memlint.report import LayerReport, ModelReport
 from memlint.scale import ScalePlan
@@ -81,7 +82,6 @@ class Estimator:
         self.optimizer_factory = optimizer_factory(workload.optimizer, workload.build_optimizer)
         self.loss = loss_factory(workload.loss_fn, workload.path)
         self.cublas_workspace = cublas_workspace_bytes(target.capability) if target.kind == "gpu" else 0
-        self.cublas_bytes = 0  # what add_cublas_workspaces added to the last simulation: the same for every batch
         self.evaluations: dict[int, Evaluation] = {}
         self.simulated: dict[int, Ledger] = {}
         self.interpolable: dict[tuple[int, int], bool] = {}  # two simulated batch sizes: same_allocations?
@@ -104,7 +104,7 @@ class Estimator:
         # Through the ScalePlan: block checkpointing, strategy markers, one device's ledger; then
         # the library memory the GPU allocates beside the step.
         result = self.scale.simulate(lambda modes: self._simulate(batch_size, modes), extra_modes)
-        self.cublas_bytes = add_cublas_workspaces(result.ledger, self.cublas_workspace)
+        add_cublas_workspaces(result.ledger, self.cublas_workspace)
         return result
 
     def _simulate(self, batch_size: int, extra_modes: tuple[Any, ...]) -> SimulationResult:
@@ -307,7 +307,7 @@ def analyse(workload: Workload, target: Target, threshold: float, depth: int = 3
     # CUDA's caching allocator counts whole blocks: a cached block reused without splitting off a
     # remainder of 1 MiB or less counts entirely, so its replay gives max_memory_allocated.
     peak_allocated = evaluation.allocator.peak_allocated if target.kind == "gpu" else peak.total
-    cublas = estimator.cublas_bytes
+    cublas = persistent_workspace_bytes(ledger)
     breakdown = {role: peak.by_role.get(role, 0) for role in
                  ("parameters", "buffers", "gradients", "optimizer_state", "activations", "inputs", "temporaries")}
     # Library workspaces, and what the caching allocator holds beyond the live tensors (the parts

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from memlint.report import BREAKDOWN_KEYS, TimelinePoint
+from memlint.report import TimelinePoint
 
 ALLOC, FREE, OP = 0, 1, 2
 

@@ -33,6 +33,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from memlint.ledger import OP, Ledger
 
 CUBLAS_WORKSPACE_HOPPER = 4096 * 1024 * 8
@@ -52,14 +54,16 @@ def cublas_workspace_bytes(capability: tuple[int, int] | None) -> int:
     return CUBLAS_WORKSPACE_HOPPER if capability is None or capability >= (9, 0) else CUBLAS_WORKSPACE_OLDER
 
 
-def add_cublas_workspaces(ledger: Ledger, workspace_bytes: int) -> int:
+def add_cublas_workspaces(ledger: Ledger, workspace_bytes: int) -> None:
     """Allocate one workspace, never freed, for each thread of the step that multiplies matrices.
 
     The workspaces are allocated before the first iteration: a process keeps them from its first
     step on, so every later step (every step an inference server runs, too) starts with them. The
     ledger is changed in place, so they count in every peak, timeline and allocator replay, and
-    only where the step really uses cuBLAS. Returns the bytes added.
+    only where the step really uses cuBLAS.
     """
+    if workspace_bytes <= 0:
+        return
     threads = []
     for kind, _, name in ledger.events:
         phase, _, op = name.partition("/")
@@ -67,23 +71,26 @@ def add_cublas_workspaces(ledger: Ledger, workspace_bytes: int) -> int:
             threads.append(phase in AUTOGRAD_THREAD_PHASES)
             if len(threads) == 2:
                 break
-    if workspace_bytes <= 0 or not threads:
-        return 0
     start = ledger.iteration_marks[0] if ledger.iteration_marks else len(ledger.events)
     for on_autograd_thread in threads:
         ledger.allocate(workspace_bytes, "workspace", None, "backward" if on_autograd_thread else "forward")
         ledger.events.insert(start, ledger.events.pop())
     ledger.iteration_marks = [mark + len(threads) * (mark > start) for mark in ledger.iteration_marks]
-    return workspace_bytes * len(threads)
+
+
+def persistent_workspace_bytes(ledger: Ledger) -> int:
+    """The library memory a ledger keeps for the whole process (the cuBLAS workspaces, not cuDNN's scratch)."""
+    return sum(info.nbytes for info in ledger.storages if info.role == "workspace" and not info.elastic)
+
+
+_CONVOLUTION = torch.ops.aten.convolution.default
+_CONVOLUTION_BACKWARD = torch.ops.aten.convolution_backward.default
 
 
 def cudnn_workspace_bytes(func: Any, args: tuple, out: Any) -> int:
     """The workspace a convolution op borrows while it runs on cuDNN (0 for every other op)."""
-    import torch
-
-    aten = torch.ops.aten
-    backward = func is aten.convolution_backward.default
-    if func is aten.convolution.default:
+    backward = func is _CONVOLUTION_BACKWARD
+    if func is _CONVOLUTION:
         data, weight, groups, result = args[0], args[1], args[8], out
     elif backward:
         result, data, weight, groups = args[0], args[1], args[2], args[9]

@@ -179,14 +179,14 @@ class ValueAssumingMode(TorchDispatchMode):
 
 
 LOOP_LIMIT = 1000
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_MEMLINT_DIR = os.path.dirname(__file__)
+# Where torch's and memlint's own frames come from: a walk up the stack skips them to reach the user's code.
+LIBRARY_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
 
 
 def _calling_frame() -> Any:
     """The innermost frame outside torch and memlint: the line that asked for a value."""
     frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith((_TORCH_DIR, _MEMLINT_DIR)):
+    while frame is not None and frame.f_code.co_filename.startswith(LIBRARY_DIRS):
         frame = frame.f_back
     return frame
 
