@@ -42,12 +42,15 @@ def records(calibration: Path, sources: str = "all") -> Iterator[dict[str, Any]]
         if not file.exists():
             continue
         data = json.loads(file.read_text())
+        # The calibration's inputs existed before its inference baseline; gpu_measure.py creates them
+        # after it, so its infer_peak_delta holds them (the files say so).
+        inputs_in_delta = data.get("infer_peak_delta_includes_inputs", False)
         for record in [*data.get("steps", []), *data.get("fresh", [])]:
             yield {"set": "fresh" if record.get("fresh_process") else "steps", "model": record["model"],
                    "batch": record["batch"], "optimizer": record["optimizer"],
                    "precision": "bf16-mixed" if record.get("amp") else "fp32", "measured": record["train_peak"],
-                   "infer": record.get("infer_peak_delta"), "param_bytes": record.get("param_bytes"),
-                   "buffer_bytes": record.get("buffer_bytes")}
+                   "infer": record.get("infer_peak_delta"), "infer_includes_inputs": inputs_in_delta,
+                   "param_bytes": record.get("param_bytes"), "buffer_bytes": record.get("buffer_bytes")}
         for record in data.get("times", []):
             yield {"set": "times", "model": record["model"], "batch": record["batch"], "optimizer": "sgd",
                    "precision": "bf16-mixed" if record["amp"] != "None" else "fp32", "measured": record["train_peak"]}
@@ -160,8 +163,8 @@ def summary(name: str, errors: list[float]) -> str:
 
 
 def estimate_inference(record: dict[str, Any]) -> int:
-    """memlint --mode infer, as the protocol measures it: the peak above weights, inputs and the
-    cuBLAS workspace, which all exist before that forward starts."""
+    """memlint --mode infer, as the record measured it: the peak above the weights and the cuBLAS
+    workspace, which exist before that forward starts, and above the inputs where they did too."""
     spec = spec_for(record["model"])
     workload = Workload(name=record["model"], path="<benchmark>", line=1, build=spec.build,
                         example_inputs=spec.example_inputs, loss_fn=spec.loss_fn, build_optimizer=None,
@@ -169,7 +172,8 @@ def estimate_inference(record: dict[str, Any]) -> int:
                         precision=record["precision"], mode="infer")
     report = analyse(workload, resolve_target("h200"), 1.0, find_max_batch=False)
     b = report.breakdown
-    return report.peak_allocated_bytes - b["parameters"] - b["buffers"] - b["inputs"] - report.cublas_workspace_bytes
+    inputs = 0 if record["infer_includes_inputs"] else b["inputs"]
+    return report.peak_allocated_bytes - b["parameters"] - b["buffers"] - inputs - report.cublas_workspace_bytes
 
 
 def print_inference(args: argparse.Namespace, have_vision: bool) -> None:
@@ -204,17 +208,8 @@ def print_max_batch(args: argparse.Namespace, have_vision: bool) -> None:
     print(summary("max batch", errors))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calibration", type=Path, default=HERE.parent.parent / "shared" / "calibration")
-    parser.add_argument("--only", help="only records of this model")
-    parser.add_argument("--peers", action="store_true", help="also run MemTracker and torchinfo")
-    parser.add_argument("--no-maxbatch", action="store_true", help="skip the largest-batch records")
-    parser.add_argument("--records", choices=("all", "calibration", "measurements"), default="all",
-                        help="the shared calibration files, benchmarks/measurements, or both")
-    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown for the README")
-    args = parser.parse_args()
-    have_vision = torchvision_available()
+def print_training(args: argparse.Namespace, have_vision: bool) -> int:
+    """The training records, memlint beside the peers; returns how many were skipped."""
     columns = ["set", "model", "batch", "optimizer", "precision", "measured GB", "memlint GB", "err"]
     if args.peers:
         columns += ["MemTracker GB", "err", "torchinfo GB", "err"]
@@ -268,8 +263,29 @@ def main() -> int:
     for name, errors in results.items():
         if name == "memlint" or args.peers:
             print(summary(name, errors))
-    if not args.no_maxbatch:
+    return skipped
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calibration", type=Path, default=HERE.parent.parent / "shared" / "calibration")
+    parser.add_argument("--only", help="only records of this model")
+    parser.add_argument("--peers", action="store_true", help="also run MemTracker and torchinfo")
+    parser.add_argument("--sections", default="training,maxbatch,inference",
+                        help="which comparisons to run, comma-separated: training, maxbatch, inference")
+    parser.add_argument("--records", choices=("all", "calibration", "measurements"), default="all",
+                        help="the shared calibration files, benchmarks/measurements, or both")
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown for the README")
+    args = parser.parse_args()
+    have_vision = torchvision_available()
+    sections = set(args.sections.split(","))
+    unknown = sections - {"training", "maxbatch", "inference"}
+    if unknown:
+        parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    skipped = print_training(args, have_vision) if "training" in sections else 0
+    if "maxbatch" in sections:
         print_max_batch(args, have_vision)
+    if "inference" in sections:
         print_inference(args, have_vision)
     if skipped:
         print(f"skipped {skipped} torchvision records (install torch==2.14.1 torchvision==0.29.1 to run them)")

@@ -196,5 +196,5 @@ def interpolate(first: Ledger, first_batch: int, second: Ledger, second_batch: i
         size = a.nbytes + -(-(b.nbytes - a.nbytes) * (batch - first_batch) // span)
         if size < 0:
             return None
-        storages.append(replace(a, nbytes=size))
+        storages.append(StorageInfo(size, a.role, a.module, a.phase, a.elastic))  # not replace(): 4x faster
     return Ledger(storages=storages, events=first.events, iteration_marks=first.iteration_marks)

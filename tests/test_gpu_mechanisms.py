@@ -80,6 +80,25 @@ def test_pointwise_and_depthwise_convolutions_take_no_cudnn_workspace():
     assert cudnn_workspace_bytes(torch.ops.aten.mm.default, (x, x), x) == 0
 
 
+def test_an_rgb_stem_takes_the_workspace_of_its_tensor_core_padding():
+    """3 channels: no forward workspace for a small kernel; in 16-bit, the input padded to 8 channels."""
+    conv = torch.ops.aten.convolution.default
+    x = torch.empty(4, 3, 32, 32)
+    small, large = torch.empty(16, 3, 3, 3), torch.empty(16, 3, 7, 7)
+    args = (None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    assert cudnn_workspace_bytes(conv, (x, small, *args), F.conv2d(x, small, padding=1)) == 0
+    out = F.conv2d(x, large, padding=1)
+    assert cudnn_workspace_bytes(conv, (x, large, *args), out) == (x.numel() + large.numel() + out.numel()) * 4
+    half_x, half_w = x.bfloat16(), large.bfloat16()
+    half_out = F.conv2d(half_x, half_w, padding=1)
+    padded_input = x.numel() // 3 * 8 * 2
+    assert cudnn_workspace_bytes(conv, (half_x, half_w, *args), half_out) == \
+        padded_input + (large.numel() + half_out.numel()) * 2
+    backward = torch.ops.aten.convolution_backward.default
+    assert cudnn_workspace_bytes(backward, (half_out, half_x, half_w, *args, [False, True, False]), None) == \
+        padded_input + (large.numel() + half_out.numel()) * 2
+
+
 def test_the_cudnn_workspace_counts_on_a_gpu_target_only():
     gpu = analyse(workload(convnet, batch=32, shape=(3, 64, 64)), resolve_target("mem:8GiB"), 1.0,
                   find_max_batch=False)
