@@ -17,7 +17,7 @@ from memlint.errors import ModelError
 from memlint.gpu_kernels import GpuKernelMode
 from memlint.library_memory import (add_cublas_workspaces, cublas_workspace_bytes, cudnn_workspace_bytes,
                                     persistent_workspace_bytes)
-from memlint.ledger import Ledger, interpolate, same_allocations
+from memlint.ledger import Ledger, from_first_iteration, interpolate, same_allocations
 from memlint.report import LayerReport, ModelReport
 from memlint.scale import ScalePlan
 from memlint.simulate import Assumptions, SimulationResult, StepPlan, ValueAssumingMode, simulate_step
@@ -100,15 +100,19 @@ class Estimator:
         return _translate_errors(lambda: trace_model(self.model, self.plan(self.workload.batch_size).make_inputs,
                                                      self.fake_mode, self.sites, scalars), self.workload)
 
-    def simulate(self, batch_size: int, extra_modes: tuple[Any, ...] = ()) -> SimulationResult:
+    def simulate(self, batch_size: int, extra_modes: tuple[Any, ...] = (), iterations: int | None = None
+                 ) -> SimulationResult:
         # Through the ScalePlan: block checkpointing, strategy markers, one device's ledger; then
         # the library memory the GPU allocates beside the step.
-        result = self.scale.simulate(lambda modes: self._simulate(batch_size, modes), extra_modes)
+        result = self.scale.simulate(lambda modes: self._simulate(batch_size, modes, iterations), extra_modes)
         add_cublas_workspaces(result.ledger, self.cublas_workspace)
         return result
 
-    def _simulate(self, batch_size: int, extra_modes: tuple[Any, ...]) -> SimulationResult:
-        return _translate_errors(lambda: simulate_step(self.model, self.plan(batch_size), self.fake_mode,
+    def _simulate(self, batch_size: int, extra_modes: tuple[Any, ...], iterations: int | None) -> SimulationResult:
+        plan = self.plan(batch_size)
+        if iterations is not None:
+            plan.iterations = iterations
+        return _translate_errors(lambda: simulate_step(self.model, plan, self.fake_mode,
                                                        (GpuKernelMode(), *extra_modes)), self.workload, self.model)
 
     def allocator_cap(self) -> int:
@@ -162,9 +166,20 @@ class Estimator:
                    for other in others if other < batch_size)
 
     def simulated_ledger(self, batch_size: int) -> Ledger:
+        """The step's ledger at ``batch_size``, as a simulation of all its iterations records it."""
         if batch_size not in self.simulated:
-            self.simulated[batch_size] = self.simulate(batch_size).ledger
+            self.simulated[batch_size] = self._from_first_iteration(batch_size) or self.simulate(batch_size).ledger
         return self.simulated[batch_size]
+
+    def _from_first_iteration(self, batch_size: int) -> Ledger | None:
+        """The ledger from a simulation of the first iteration only, where the step's own shows how (ledger.py).
+
+        Not under a distributed strategy, whose rewrite of the ledger spans its iterations.
+        """
+        step = self.simulated.get(self.workload.batch_size)
+        if step is None or len(step.iteration_marks) < 2 or self.scale.strategy is not None:
+            return None
+        return from_first_iteration(step, self.simulate(batch_size, iterations=1).ledger)
 
     def max_batch_size(self) -> int | None:
         """The largest batch that runs, found the way it is measured: doubling from 1, then bisection.

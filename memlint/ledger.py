@@ -183,6 +183,70 @@ def same_allocations(first: Ledger, second: Ledger) -> bool:
     return len(first.storages) == len(second.storages) and _allocations(first) == _allocations(second)
 
 
+def from_first_iteration(full: Ledger, probe: Ledger) -> Ledger | None:
+    """``full``'s ledger at another batch size, from ``probe``: its first iteration simulated there.
+
+    A step's later iterations repeat the first one's forward and backward (the same storages,
+    allocated in the same order) and add an optimizer step on parameter-shaped storages, which
+    the batch size does not change. Where ``full`` shows exactly that, and the probe allocates
+    what ``full``'s first iteration allocates, every size at the probe's batch size is known
+    from the probe: a simulation of one iteration stands in for one of all of them. Returns
+    None otherwise (then simulate them all).
+    """
+    if len(full.iteration_marks) < 2 or len(probe.iteration_marks) != 1:
+        return None
+    first_end = full.iteration_marks[1]
+    sizes = _aligned_sizes(full, full.events[:first_end], probe, probe.events)
+    if sizes is None or any(sizes[sid] != full.storages[sid].nbytes for sid in sizes
+                            if full.storages[sid].phase == "optimizer"):
+        return None
+    first = _batch_dependent_allocations(full, full.events[full.iteration_marks[0]:first_end])
+    bounds = [*full.iteration_marks[1:], len(full.events)]
+    for start, end in zip(bounds, bounds[1:]):
+        later = _batch_dependent_allocations(full, full.events[start:end])
+        if len(later) != len(first) or any(
+                (full.storages[a].nbytes, full.storages[a].role) != (full.storages[b].nbytes, full.storages[b].role)
+                for a, b in zip(first, later)):
+            return None
+        sizes.update({b: sizes[a] for a, b in zip(first, later)})
+    return Ledger(storages=[StorageInfo(sizes.get(sid, info.nbytes), info.role, info.module, info.phase, info.elastic)
+                            for sid, info in enumerate(full.storages)],
+                  events=full.events, iteration_marks=full.iteration_marks)
+
+
+def _aligned_sizes(full: Ledger, full_events: list[tuple[int, int, str]], probe: Ledger,
+                   probe_events: list[tuple[int, int, str]]) -> dict[int, int] | None:
+    """Sizes in ``probe`` of ``full``'s storages, matched event by event (ids may differ).
+
+    The probe may free more after them: what its end frees (the optimizer state), which
+    ``full`` frees after its last iteration.
+    """
+    ours = [event for event in full_events if event[0] != OP]
+    theirs = [event for event in probe_events if event[0] != OP]
+    if len(theirs) < len(ours) or any(kind != FREE for kind, _, _ in theirs[len(ours):]):
+        return None
+    mapped: dict[int, int] = {}
+    sizes: dict[int, int] = {}
+    for (kind, sid, _), (probe_kind, probe_sid, _) in zip(ours, theirs):
+        if kind != probe_kind:
+            return None
+        if kind == ALLOC:
+            mine, other = full.storages[sid], probe.storages[probe_sid]
+            if (mine.role, mine.phase, mine.module, mine.elastic) != (other.role, other.phase, other.module, other.elastic):
+                return None
+            mapped[probe_sid], sizes[sid] = sid, other.nbytes
+        elif mapped.get(probe_sid, -1) != sid:
+            return None
+    return sizes
+
+
+def _batch_dependent_allocations(ledger: Ledger, events: list[tuple[int, int, str]]) -> list[int]:
+    """The storages these events allocate outside the optimizer step, in order, but the cuBLAS
+    workspaces (library_memory.py puts them before the first iteration's first op)."""
+    return [sid for kind, sid, _ in events if kind == ALLOC and ledger.storages[sid].phase != "optimizer"
+            and not (ledger.storages[sid].role == "workspace" and not ledger.storages[sid].elastic)]
+
+
 def interpolate(first: Ledger, first_batch: int, second: Ledger, second_batch: int, batch: int) -> Ledger | None:
     """The ledger at ``batch`` from two simulations with ``same_allocations``.
 

@@ -190,3 +190,53 @@ def test_the_answer_is_simulated_where_that_can_change_its_verdict(monkeypatch, 
     answer, reserved, simulated = search()
     monkeypatch.setattr(Estimator, "_interpolated_regardless", lambda self, batch_size: False)
     assert simulated == answer_simulated and (answer, reserved) == search()[:2]
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Dropout(0.1),
+                         nn.Conv2d(16, 16, 3, stride=2), nn.Flatten(), nn.Linear(16 * 7 * 7, 10))
+
+
+def tiny_gpt2() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64,
+                                                                vocab_size=500))
+
+
+def allocations(ledger) -> tuple:
+    from memlint.ledger import OP
+    return [event for event in ledger.events if event[0] != OP], ledger.storages, ledger.iteration_marks
+
+
+@pytest.mark.parametrize("build, options", [
+    (NormalisedDataDependent, dict(shape=(64,))),
+    (small_cnn, dict(shape=(3, 16, 16), precision="bf16-mixed", optimizer="sgd-momentum")),
+    (tiny_gpt2, dict(inputs=lambda b: torch.randint(0, 500, (b, 64)))),
+])
+def test_a_ledger_from_the_first_iteration_equals_a_simulation_of_all(build, options):
+    """The largest-batch search's second batch size simulates one iteration, not three (memlint/ledger.py)."""
+    estimator = Estimator(workload(build, 8, **options), resolve_target("h100-80gb"), 1.0)
+    estimator.simulated_ledger(8)
+    estimator.simulate(24)  # the first simulation at a batch size records a few more metadata ops (a cold cache)
+    derived = estimator._from_first_iteration(24)
+    assert derived is not None and allocations(derived) == allocations(estimator.simulate(24).ledger)
+
+
+class OddStepsDiffer(nn.Module):
+    """Every other forward computes more: a step's later iterations do not repeat its first one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 64)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        y = self.linear(x)
+        return y * y.sigmoid() if self.calls % 2 else y
+
+
+def test_a_step_whose_iterations_differ_is_simulated_whole():
+    estimator = Estimator(workload(OddStepsDiffer, 8, shape=(64,)), resolve_target("h100-80gb"), 1.0)
+    estimator.simulated_ledger(8)
+    assert estimator._from_first_iteration(24) is None
