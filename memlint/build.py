@@ -144,6 +144,11 @@ def build_fake_model(build: Callable[[], Any], fake_mode: FakeTensorMode, name: 
                          hint="the constructor allocates real memory itself (e.g. numpy arrays); "
                               "build big tables lazily") from None
     except Exception as exc:
+        if "Uninitialized" in str(exc):  # UninitializedParameter/Buffer refuse a fake tensor as their data
+            raise ModelError(f"building {name}: lazy modules (nn.LazyLinear, nn.LazyConv2d, ...) cannot be built "
+                             "on fake tensors", path=path, line=user_line(exc, Path(path)),
+                             hint="give the lazy module its input size (nn.Linear(in_features, ...)) for the "
+                                  "analysis") from None
         raise ModelError(f"building {name} raised {type(exc).__name__}: {exc}", path=path,
                          line=user_line(exc, Path(path)),
                          hint="the model must construct with no arguments; add a build_model() that "
