@@ -8,12 +8,15 @@ report and the diagnostics point at.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, UninitializedTensorMixin
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -106,6 +109,62 @@ def fake_parameter_conversions() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def lazy_modules_on_fake() -> Iterator[None]:
+    """Let lazy modules (``nn.LazyLinear``, ``nn.LazyConv2d``, ...) be built and initialised on fake tensors.
+
+    An ``UninitializedParameter`` refuses a fake tensor as its data, so it is made on the meta
+    device instead (no memory either); when the module's first forward infers its shapes
+    (``LazyModuleMixin._infer_parameters``), the materialised meta tensors are replaced with fake
+    ones, as the other parameters are.
+    """
+    originals = (UninitializedParameter.__new__, UninitializedBuffer.__new__, UninitializedTensorMixin.materialize,
+                 LazyModuleMixin._infer_parameters)
+
+    def on_meta(original: Callable) -> Callable:
+        signature = inspect.signature(original)
+
+        def new(cls: type, *args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(cls, *args, **kwargs)
+            bound.arguments["device"] = "meta"
+            with unset_fake_temporarily():
+                return original(*bound.args, **bound.kwargs)
+        return new
+
+    def materialize(self: Any, shape: Any, device: Any = None, dtype: Any = None) -> None:
+        with unset_fake_temporarily():
+            originals[2](self, shape, dtype=dtype)
+
+    def infer_parameters(self: Any, module: torch.nn.Module, args: Any, kwargs: Any = None) -> None:
+        originals[3](self, module, args, kwargs)
+        for tensors, wrap in ((module._parameters, lambda t: torch.nn.Parameter(t, t.requires_grad)),
+                              (module._buffers, lambda t: t)):
+            for name, tensor in list(tensors.items()):
+                if tensor is not None and not isinstance(tensor, FakeTensor) and tensor.is_meta:
+                    tensors[name] = wrap(torch.empty(tensor.shape, dtype=tensor.dtype).requires_grad_(
+                        tensor.requires_grad))
+
+    UninitializedParameter.__new__ = on_meta(originals[0])  # type: ignore[method-assign]
+    UninitializedBuffer.__new__ = on_meta(originals[1])  # type: ignore[method-assign]
+    UninitializedTensorMixin.materialize = materialize  # type: ignore[method-assign]
+    LazyModuleMixin._infer_parameters = infer_parameters  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        (UninitializedParameter.__new__, UninitializedBuffer.__new__, UninitializedTensorMixin.materialize,
+         LazyModuleMixin._infer_parameters) = originals  # type: ignore[method-assign]
+
+
+def initialise_lazy_modules(model: torch.nn.Module, make_inputs: Callable[[], tuple[tuple, dict]],
+                            fake_mode: FakeTensorMode) -> None:
+    """Run one forward on fake inputs where the model has lazy modules: it gives them their shapes."""
+    if not any(isinstance(t, UninitializedTensorMixin) for t in (*model.parameters(), *model.buffers())):
+        return
+    with lazy_modules_on_fake(), fake_mode, torch.no_grad():
+        args, kwargs = make_inputs()
+        model(*args, **kwargs)
+
+
+@contextlib.contextmanager
 def record_creation_sites(sites: dict[int, str]) -> Iterator[None]:
     """Map ``id(module)`` to ``file:line`` of the user's code that created it."""
     original_init = torch.nn.Module.__init__
@@ -137,18 +196,13 @@ def build_fake_model(build: Callable[[], Any], fake_mode: FakeTensorMode, name: 
     sites: dict[int, str] = {}
     try:
         with fake_mode, value_mode or contextlib.nullcontext(), record_creation_sites(sites), \
-                fake_parameter_conversions():
+                fake_parameter_conversions(), lazy_modules_on_fake():
             model = build()
     except MemoryError:
         raise ModelError(f"building {name} ran out of host memory even on fake tensors", path=path,
                          hint="the constructor allocates real memory itself (e.g. numpy arrays); "
                               "build big tables lazily") from None
     except Exception as exc:
-        if "Uninitialized" in str(exc):  # UninitializedParameter/Buffer refuse a fake tensor as their data
-            raise ModelError(f"building {name}: lazy modules (nn.LazyLinear, nn.LazyConv2d, ...) cannot be built "
-                             "on fake tensors", path=path, line=user_line(exc, Path(path)),
-                             hint="give the lazy module its input size (nn.Linear(in_features, ...)) for the "
-                                  "analysis") from None
         raise ModelError(f"building {name} raised {type(exc).__name__}: {exc}", path=path,
                          line=user_line(exc, Path(path)),
                          hint="the model must construct with no arguments; add a build_model() that "

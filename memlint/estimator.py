@@ -12,7 +12,8 @@ from typing import Any, Callable
 import torch
 
 from memlint.allocator import CachingAllocatorModel, OutOfMemory, replay_allocator, round_size
-from memlint.build import SmallValuesMode, build_fake_model, fake_parameter_conversions, new_fake_mode
+from memlint.build import (SmallValuesMode, build_fake_model, fake_parameter_conversions,
+                           initialise_lazy_modules, new_fake_mode)
 from memlint.errors import ModelError
 from memlint.gpu_kernels import GpuKernelMode
 from memlint.library_memory import (add_cublas_workspaces, cublas_workspace_bytes, cudnn_workspace_bytes,
@@ -76,6 +77,10 @@ class Estimator:
         self.build_assumptions = Assumptions()
         self.model, self.sites = build_fake_model(workload.build, self.fake_mode, workload.name, workload.path,
                                                   SmallValuesMode(self.build_assumptions, "while building"))
+        # Lazy modules take their shapes from a first forward, in the dtype they were built in.
+        inputs = input_factory(workload.batch_size, workload.example_inputs, workload.input_shape,
+                               workload.input_dtype, workload.path, None)
+        _translate_errors(lambda: initialise_lazy_modules(self.model, inputs, self.fake_mode), workload, self.model)
         if workload.precision in CAST:
             with self.fake_mode, fake_parameter_conversions():
                 self.model.to(CAST[workload.precision])

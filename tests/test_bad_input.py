@@ -78,21 +78,6 @@ def test_model_class_that_needs_constructor_arguments(write):
     assert "build_model()" in text
 
 
-def test_a_lazy_module_is_named_with_what_to_do(write):
-    path = write("model.py", """
-        from torch import nn
-
-
-        def build_model():
-            return nn.Sequential(nn.Flatten(), nn.LazyLinear(10))
-    """)
-    run = memlint("check", str(path), "--input-shape", "3,8,8")
-    text = output(run)
-    assert run.code == 2
-    assert f"model.py:{line_of(path, 'LazyLinear')}: building build_model(): lazy modules" in text
-    assert "nn.Linear(in_features" in text
-
-
 def test_no_model_found_in_a_configured_model_file(write, tmp_path):
     write("pyproject.toml", """
         [tool.memlint]

@@ -240,3 +240,21 @@ def test_a_step_whose_iterations_differ_is_simulated_whole():
     estimator = Estimator(workload(OddStepsDiffer, 8, shape=(64,)), resolve_target("h100-80gb"), 1.0)
     estimator.simulated_ledger(8)
     assert estimator._from_first_iteration(24) is None
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_lazy_modules_are_analysed_as_the_modules_they_become(precision):
+    """nn.LazyLinear and friends take their shapes from the first forward; on fake tensors too."""
+    def lazy() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 16, 3), nn.LazyBatchNorm2d(), nn.ReLU(), nn.Flatten(), nn.LazyLinear(10))
+
+    def explicit() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(),
+                             nn.Linear(16 * 14 * 14, 10))
+
+    def estimate(build) -> tuple:
+        report = analyse(workload(build, 32, shape=(3, 16, 16), precision=precision), resolve_target("gtx1050ti"), 0.8)
+        return report.peak_allocated_bytes, report.max_batch_size, report.breakdown
+
+    assert estimate(lazy) == estimate(explicit)
+    assert estimate(lazy)[2]["parameters"] > 16 * 14 * 14 * 10 * (2 if precision == "bf16" else 4)
