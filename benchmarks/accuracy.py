@@ -32,15 +32,17 @@ memlint.gpu_kernels.EFFICIENT_ATTENTION_TAKES_GQA = False
 from memlint.targets import resolve_target  # noqa: E402
 
 
-def records(calibration: Path, sources: str = "all") -> Iterator[dict[str, Any]]:
-    """Every training-peak record, normalised to model/batch/optimizer/precision/seq/checkpointing/measured."""
-    shared = [calibration / "h200_public.json", calibration / "h200_public_more.json"]
+def record_files(shared: list[Path], sources: str) -> Iterator[Path]:
+    """The calibration files given, benchmarks/measurements, or both (``sources``), those that exist."""
     measured_here = sorted((HERE / "measurements").glob("*.json"))
     files = (shared if sources in ("all", "calibration") else []) + \
         (measured_here if sources in ("all", "measurements") else [])
-    for file in files:
-        if not file.exists():
-            continue
+    return (file for file in files if file.exists())
+
+
+def records(calibration: Path, sources: str = "all") -> Iterator[dict[str, Any]]:
+    """Every training-peak record, normalised to model/batch/optimizer/precision/seq/checkpointing/measured."""
+    for file in record_files([calibration / "h200_public.json", calibration / "h200_public_more.json"], sources):
         data = json.loads(file.read_text())
         # The calibration's inputs existed before its inference baseline; gpu_measure.py creates them
         # after it, so its infer_peak_delta holds them (the files say so).
@@ -82,12 +84,8 @@ def estimate(record: dict[str, Any], target: str = "h200") -> int:
 
 
 def maxbatch_records(calibration: Path, sources: str = "all") -> Iterator[dict[str, Any]]:
-    shared = [calibration / "h200_public.json"]
-    measured_here = sorted((HERE / "measurements").glob("*.json"))
-    for file in (shared if sources in ("all", "calibration") else []) + \
-            (measured_here if sources in ("all", "measurements") else []):
-        if file.exists():
-            yield from json.loads(file.read_text()).get("maxbatch", [])
+    for file in record_files([calibration / "h200_public.json"], sources):
+        yield from json.loads(file.read_text()).get("maxbatch", [])
 
 
 def estimate_max_batch(record: dict[str, Any]) -> int | None:

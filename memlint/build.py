@@ -24,8 +24,6 @@ from memlint.errors import ModelError
 from memlint.loader import user_line
 from memlint.simulate import LIBRARY_DIRS, Assumptions, ValueAssumingMode
 
-
-
 # Tensors of up to this many elements are also computed for real while the model is built.
 SMALL_VALUES = 1 << 16
 

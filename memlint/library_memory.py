@@ -88,7 +88,7 @@ def add_cublas_workspaces(ledger: Ledger, workspace_bytes: int) -> None:
 
 def persistent_workspace_bytes(ledger: Ledger) -> int:
     """The library memory a ledger keeps for the whole process (the cuBLAS workspaces, not cuDNN's scratch)."""
-    return sum(info.nbytes for info in ledger.storages if info.role == "workspace" and not info.elastic)
+    return sum(info.nbytes for info in ledger.storages if info.persistent_workspace)
 
 
 # Channels a tensor-core convolution kernel takes a multiple of, by element size (16-bit, TF32).
