@@ -5,7 +5,7 @@
 Prints the cases tried, the crashes (an exception that is not memlint's clear answer: must be
 zero), the wrong answers (a static verdict that disagrees with CPython, or an estimate that
 differs from the real CPU step: must be zero) and the worst estimate error, for stacks without
-attention (compared to the byte) and with attention (GPU kernel stand-in vs the CPU kernel).
+attention (compared to the byte) and with attention (within 10%; the host target runs the CPU's kernels).
 The CI test (tests/test_fuzz.py) runs a few hundred of the same cases.
 """
 from __future__ import annotations

@@ -282,6 +282,11 @@ class StepCounter(FlopCounterMode):
 
     def __init__(self, model: torch.nn.Module, target: "Target", blocks: list[str] = (), count_from: int = 1) -> None:
         super().__init__(display=False)
+        # The CPU's fused attention kernel (a host target runs it) has no formula of its own: the flash kernel's.
+        registry = self.flop_registry
+        registry[aten._scaled_dot_product_flash_attention_for_cpu] = registry[aten._scaled_dot_product_flash_attention]
+        registry[aten._scaled_dot_product_flash_attention_for_cpu_backward] = \
+            registry[aten._scaled_dot_product_flash_attention_backward]
         self.mod_tracker = _StepModuleTracker(self)
         self.model = model
         self.count_from = max(1, count_from)

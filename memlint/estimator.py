@@ -117,8 +117,10 @@ class Estimator:
         plan = self.plan(batch_size)
         if iterations is not None:
             plan.iterations = iterations
-        return _translate_errors(lambda: simulate_step(self.model, plan, self.fake_mode,
-                                                       (GpuKernelMode(), *extra_modes)), self.workload, self.model)
+        # The CUDA kernels' stand-ins on a GPU; on a host, the fake CPU tensors run the CPU's own kernels.
+        kernels = (GpuKernelMode(),) if self.target.kind == "gpu" else ()
+        return _translate_errors(lambda: simulate_step(self.model, plan, self.fake_mode, (*kernels, *extra_modes)),
+                                 self.workload, self.model)
 
     def allocator_cap(self) -> int:
         """Bytes the caching allocator may reserve: the budget less what lives outside it."""

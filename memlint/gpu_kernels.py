@@ -1,8 +1,9 @@
 """Stand-ins for the CUDA kernels whose memory differs from what the CPU would run.
 
-The simulation runs on CPU fake tensors, but the step it predicts runs on a GPU, where a
-few functions pick different kernels with different saved tensors. A TorchFunctionMode
-swaps them, whatever name the user's code imported them under:
+The simulation runs on CPU fake tensors; for a GPU target the step it predicts runs on a GPU,
+where a few functions pick different kernels with different saved tensors. A TorchFunctionMode
+swaps them, whatever name the user's code imported them under (for a host target the fake CPU
+tensors run the CPU's own kernels, as the real step does):
 
 * ``scaled_dot_product_attention``: on CUDA, PyTorch picks the flash or memory-efficient
   kernel (``select_sdp_backend`` in aten/src/ATen/native/transformers/cuda/sdp_utils.cpp), which
@@ -104,7 +105,7 @@ def _gpu_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inp
 
 
 class GpuKernelMode(SeeThroughMode):
-    """Routes the functions above to their CUDA-kernel stand-ins during a simulation."""
+    """Routes the functions above to their CUDA-kernel stand-ins during a simulation for a GPU target."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}

@@ -203,3 +203,14 @@ def test_autocast_applies_inside_multihead_attention():
                                 resolve_target("h200"), 1.0, find_max_batch=False).breakdown["activations"]
              for precision in ("fp32", "bf16-mixed")}
     assert saved["bf16-mixed"] < 0.6 * saved["fp32"]
+
+
+def test_a_host_target_runs_the_cpu_kernels():
+    """Dropout's mask: one byte per element from CUDA's fused kernel, the input's dtype on a CPU."""
+    def dropout_net() -> nn.Module:
+        return nn.Sequential(nn.Linear(4096, 4096), nn.Dropout(0.5), nn.Linear(4096, 8))
+
+    batch, width = 64, 4096
+    saved = {name: analyse(workload(dropout_net, batch, shape=(width,)), resolve_target(name), 1.0,
+                           find_max_batch=False).layers[0].activation_bytes for name in ("cpu:8GiB", "mem:8GiB")}
+    assert saved["cpu:8GiB"] - saved["mem:8GiB"] == batch * width * (4 - 1)
