@@ -75,6 +75,27 @@ class SmallValuesMode(ValueAssumingMode):
                 self.values[fake] = value
 
 
+@contextlib.contextmanager
+def libraries_see_real_tensors() -> Iterator[None]:
+    """Code that asks whether a tensor is fake is told no while memlint runs the model.
+
+    transformers treats a fake tensor as a sign of tracing (``is_tracing`` in
+    ``transformers.utils.import_utils``) and then takes compile-friendly paths: a causal model
+    without padding builds an explicit L x L mask instead of passing ``is_causal`` to SDPA. The
+    step memlint predicts runs on real tensors, which take the other path.
+    """
+    import_utils = sys.modules.get("transformers.utils.import_utils")
+    original = getattr(import_utils, "is_fake_tensor", None)
+    if original is None:
+        yield
+        return
+    import_utils.is_fake_tensor = lambda _value: False
+    try:
+        yield
+    finally:
+        import_utils.is_fake_tensor = original
+
+
 def new_fake_mode() -> FakeTensorMode:
     """Fake mode that also accepts real tensors the user made at import time (turned fake on use)."""
     return FakeTensorMode(allow_non_fake_inputs=True)

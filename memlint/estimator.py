@@ -12,8 +12,8 @@ from typing import Any, Callable
 import torch
 
 from memlint.allocator import CachingAllocatorModel, OutOfMemory, replay_allocator, round_size
-from memlint.build import (SmallValuesMode, build_fake_model, fake_parameter_conversions,
-                           initialise_lazy_modules, new_fake_mode)
+from memlint.build import (SmallValuesMode, build_fake_model, fake_parameter_conversions, initialise_lazy_modules,
+                           libraries_see_real_tensors, new_fake_mode)
 from memlint.errors import ModelError
 from memlint.gpu_kernels import GpuKernelMode
 from memlint.library_memory import (add_cublas_workspaces, cublas_workspace_bytes, cudnn_workspace_bytes,
@@ -80,7 +80,7 @@ class Estimator:
         # Lazy modules take their shapes from a first forward, in the dtype they were built in.
         inputs = input_factory(workload.batch_size, workload.example_inputs, workload.input_shape,
                                workload.input_dtype, workload.path, None)
-        _translate_errors(lambda: initialise_lazy_modules(self.model, inputs, self.fake_mode), workload, self.model)
+        _run_model_code(lambda: initialise_lazy_modules(self.model, inputs, self.fake_mode), workload, self.model)
         if workload.precision in CAST:
             with self.fake_mode, fake_parameter_conversions():
                 self.model.to(CAST[workload.precision])
@@ -94,15 +94,16 @@ class Estimator:
 
     def plan(self, batch_size: int) -> StepPlan:
         w = self.workload
+        gpu = self.target.kind == "gpu"
         return StepPlan(mode=w.mode, make_inputs=input_factory(batch_size, w.example_inputs, w.input_shape,
                                                              w.input_dtype, w.path, CAST.get(w.precision)),
                         loss_fn=self.loss, optimizer_factory=self.optimizer_factory,
-                        autocast_dtype=AUTOCAST.get(w.precision),
-                        kernel_scratch=cudnn_workspace_bytes if self.target.kind == "gpu" else None)
+                        autocast_dtype=AUTOCAST.get(w.precision), autocast_device="cuda" if gpu else "cpu",
+                        kernel_scratch=cudnn_workspace_bytes if gpu else None)
 
     def trace(self) -> TraceResult:
         scalars = ValueAssumingMode(Assumptions())
-        return _translate_errors(lambda: trace_model(self.model, self.plan(self.workload.batch_size).make_inputs,
+        return _run_model_code(lambda: trace_model(self.model, self.plan(self.workload.batch_size).make_inputs,
                                                      self.fake_mode, self.sites, scalars), self.workload)
 
     def simulate(self, batch_size: int, extra_modes: tuple[Any, ...] = (), iterations: int | None = None
@@ -119,7 +120,7 @@ class Estimator:
             plan.iterations = iterations
         # The CUDA kernels' stand-ins on a GPU; on a host, the fake CPU tensors run the CPU's own kernels.
         kernels = (GpuKernelMode(),) if self.target.kind == "gpu" else ()
-        return _translate_errors(lambda: simulate_step(self.model, plan, self.fake_mode, (*kernels, *extra_modes)),
+        return _run_model_code(lambda: simulate_step(self.model, plan, self.fake_mode, (*kernels, *extra_modes)),
                                  self.workload, self.model)
 
     def allocator_cap(self) -> int:
@@ -244,10 +245,11 @@ def smallest_sufficient_cap(ledger: Ledger, resolution: int = 2 << 20) -> Cachin
 _SHAPE_WORDS = ("shape", "size", "dim", "mat1", "mat2", "expected", "must match", "channels", "broadcast")
 
 
-def _translate_errors(run: Callable[[], Any], workload: Workload, model: torch.nn.Module | None = None) -> Any:
-    """Shape mismatches and other errors in the user's forward become one readable ModelError.
+def _run_model_code(run: Callable[[], Any], workload: Workload, model: torch.nn.Module | None = None) -> Any:
+    """Run the user's model code, as on real tensors (``libraries_see_real_tensors``), with readable errors.
 
-    The message names the layer that failed (the innermost module whose forward was running),
+    Shape mismatches and other errors in the user's forward become one ModelError. The message
+    names the layer that failed (the innermost module whose forward was running),
     what it received, and the line of the user's file the failure came from.
     """
     running: list[tuple[torch.nn.Module, list[str]]] = []
@@ -263,7 +265,8 @@ def _translate_errors(run: Callable[[], Any], workload: Workload, model: torch.n
     hooks = (torch.nn.modules.module.register_module_forward_pre_hook(enter),
              torch.nn.modules.module.register_module_forward_hook(leave)) if model is not None else ()
     try:
-        return run()
+        with libraries_see_real_tensors():
+            return run()
     except ModelError:
         raise
     except Exception as exc:

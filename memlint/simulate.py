@@ -33,6 +33,38 @@ _DYNAMIC_SHAPE_OPS = {
 }
 
 
+
+def _grouped_mm_any_dtype(mat_a: torch.Tensor, mat_b: torch.Tensor, offs: torch.Tensor | None = None,
+                          bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``_grouped_mm`` without its meta kernel's check that the inputs are bf16.
+
+    The meta kernel checks the inputs of CUDA's CUTLASS path only; the CPU kernel and CUDA's
+    fallback for other dtypes (aten/src/ATen/native/cuda/GroupedBlas.cpp, ``_grouped_mm_fallback``)
+    take fp32 and return the same output. Mixture-of-experts layers of transformers call it in fp32.
+    """
+    from torch._meta_registrations import _create_grouped_mm_output_tensor
+
+    return _create_grouped_mm_output_tensor(mat_a, mat_b, offs, out_dtype)
+
+
+def _sizes_that_split(tensor: torch.Tensor, sizes: list[int], dim: int = 0) -> tuple:
+    """``split_with_sizes`` arguments whose sizes add up to the dimension they split.
+
+    Sizes read from tensor values (a mixture of experts' tokens per expert, ``counts.tolist()``)
+    are assumed values, which need not add up; the real ones do. Equal parts keep the split's
+    total, which is what the memory of the parts' results depends on.
+    """
+    total = tensor.shape[dim]
+    if sum(sizes) != total and sizes:
+        base, extra = divmod(total, len(sizes))
+        sizes = [base + (i < extra) for i in range(len(sizes))]
+    return tensor, sizes, dim
+
+
+# Ops whose meta kernel refuses inputs that the real kernels take: the output as the kernels make it.
+_PERMISSIVE_OPS = {aten._grouped_mm.default: _grouped_mm_any_dtype}
+
+
 @dataclass
 class Assumptions:
     """What the simulation had to assume about values it cannot see; reported to the user."""
@@ -135,6 +167,7 @@ class ValueAssumingMode(TorchDispatchMode):
         self.where = where
         self._last_site: tuple[int, str, int] | None = None
         self._repeats = 0
+        self._assumed_an_int = False
 
     def note(self, text: str) -> None:
         self.assumptions.add(f"{self.where}: {text}" if self.where else text)
@@ -143,9 +176,16 @@ class ValueAssumingMode(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is aten._local_scalar_dense.default:
             return self._assumed_scalar(args[0])
+        if func is aten.split_with_sizes.default and self._assumed_an_int:
+            split = _sizes_that_split(*args)
+            if list(split[1]) != list(args[1]):
+                self.note("split sizes read from tensor values (.tolist()): assumed equal parts")
+                args = split
         if func in _DYNAMIC_SHAPE_OPS:
             self.note(f"{func.__name__}: assumed every element selected (an upper bound)")
             out = _DYNAMIC_SHAPE_OPS[func](*args, **kwargs)
+        elif func in _PERMISSIVE_OPS and args[0].dtype != torch.bfloat16:
+            out = _PERMISSIVE_OPS[func](*args, **kwargs)
         else:
             out = func(*args, **kwargs)
         out = _drop_masked_outputs(func, args, kwargs, out)
@@ -156,12 +196,16 @@ class ValueAssumingMode(TorchDispatchMode):
         """Hook for subclasses that want to see every op's arguments and outputs."""
 
     def _assumed_scalar(self, tensor: torch.Tensor) -> Any:
+        constant = getattr(tensor, "constant", None)
+        if constant is not None:  # a fake tensor computed from Python numbers keeps its value: nothing to assume
+            return constant.item()
         if tensor.dtype == torch.bool:
             value: Any = self._assumed_bool()
         elif tensor.dtype.is_floating_point or tensor.dtype.is_complex:
             value = 0.5
         else:
             value = 1
+            self._assumed_an_int = True
         self.note(f".item() on a {str(tensor.dtype).removeprefix('torch.')} tensor: assumed {value}")
         return value
 
@@ -253,6 +297,7 @@ class StepPlan:
     loss_fn: Callable[[Any, tuple, dict], torch.Tensor]
     optimizer_factory: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None
     autocast_dtype: torch.dtype | None = None
+    autocast_device: str = "cuda"  # whose autocast policy: a GPU target's ("cuda") or a host's ("cpu")
     iterations: int = 3  # as a real loop: step 1 creates the optimizer state, steps 2-3 run with it
     kernel_scratch: Callable[[Any, tuple, Any], int] | None = None  # see AllocationRecorder
 
@@ -300,7 +345,10 @@ def simulate_step(model: torch.nn.Module, plan: StepPlan, fake_mode: Any,
                 activation_by_module[module] = activation_by_module.get(module, 0) + ledger.storages[sid].nbytes
         # With saved-tensor hooks autograd no longer checks version counters itself; a training step
         # whose backward would fail (an in-place op overwrote a saved tensor) must fail here too.
-        return tensor, tensor._version
+        # Detached (same storage, same version counter): a node that saves its own output would
+        # otherwise hold it through its grad_fn, a reference cycle that outlives a branch the loss
+        # never reaches (a pooler's tanh), where autograd itself frees it when the output goes.
+        return (tensor.detach() if tensor.grad_fn is not None else tensor), tensor._version
 
     params = [p for p in model.parameters() if p.requires_grad]
     grad_hooks = [p.register_post_accumulate_grad_hook(
@@ -394,9 +442,15 @@ def _tag_inputs(tracker: StorageTracker, args: tuple, kwargs: dict) -> None:
 
 
 def _autocast(plan: StepPlan) -> contextlib.AbstractContextManager:
-    """CUDA's autocast policy (see autocast.py), not the CPU's, which differs."""
+    """The target's autocast policy: CUDA's (see autocast.py) on a GPU; on a host, the CPU's own.
+
+    The fake tensors are CPU tensors, so ``torch.autocast("cpu")`` applies the CPU's policy to them
+    as it would to real ones; CUDA's policy differs and is emulated.
+    """
     if plan.autocast_dtype is None:
         return contextlib.nullcontext()
+    if plan.autocast_device == "cpu":
+        return torch.autocast("cpu", dtype=plan.autocast_dtype)
     return CudaAutocastMode(plan.autocast_dtype)
 
 

@@ -333,23 +333,45 @@ class RealStorageTracker(TorchDispatchMode):
 def measure_real_step(build: Any, input_shape: tuple[int, ...], batch: int, iterations: int = 3,
                       seed: int = 0) -> int:
     """Peak live (rounded) bytes of real training steps on the CPU: the ground truth for memlint."""
+    return real_step_peak(build, lambda: ((torch.randn((batch, *input_shape)),), {}),
+                          lambda output, _args, _kwargs: output.mean(), iterations, seed)
+
+
+def real_step_peak(build: Any, make_inputs: Any, loss_fn: Any, iterations: int = 3, seed: int = 0,
+                   autocast_dtype: torch.dtype | None = None, train: bool = True) -> int:
+    """Peak live bytes of ``iterations`` real steps, as memlint simulates them (see the module docstring).
+
+    ``make_inputs()`` gives a step's ``(args, kwargs)`` and ``loss_fn(output, args, kwargs)`` its loss;
+    neither the output nor the inputs are held across backward. With ``autocast_dtype`` the forward
+    and the loss run under the CPU's autocast (a mixed-precision step on a host). Not ``train``: one
+    forward in eval mode without autograd, as ``--mode infer``.
+    """
     torch.manual_seed(seed)
     model = build()
     tracker = RealStorageTracker()
     for tensor in [*model.parameters(), *model.buffers()]:
         tracker.track(tensor)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, foreach=True)
-    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    model.train(train)
+
+    def autocast() -> Any:
+        return torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None)
+
     with tracker:
+        if not train:
+            args, kwargs = make_inputs()
+            with torch.no_grad(), autocast():
+                model(*args, **kwargs)
+            return tracker.peak
         for _ in range(iterations):
-            x = torch.randn((batch, *input_shape))
-            loss = model(x).mean()
-            del x
+            args, kwargs = make_inputs()
+            with autocast():
+                loss = loss_fn(model(*args, **kwargs), args, kwargs)
+            del args, kwargs
             loss.backward()
             del loss
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    del optimizer, model
     return tracker.peak
 
 

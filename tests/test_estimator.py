@@ -129,6 +129,31 @@ def test_bf16_mixed_precision_keeps_fp32_weights_and_halves_activations():
     assert mixed.breakdown["activations"] <= 0.75 * fp32.breakdown["activations"]
 
 
+class NormalisedConvNet(nn.Module):
+    """Ops from each of autocast's lists: convolution and linear (bf16), layer norm and softmax."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = nn.LayerNorm(16 * 8 * 8)
+        self.head = nn.Linear(16 * 8 * 8, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.conv(x).relu().flatten(1))
+        return self.head(y).softmax(-1)
+
+
+def test_a_host_target_runs_the_cpus_autocast_policy():
+    """bf16-mixed on a CPU target is torch.autocast("cpu"): the estimate equals a real CPU step's peak."""
+    from fuzzing import real_step_peak
+
+    report = analyse(workload(NormalisedConvNet, batch=16, shape=(3, 8, 8), precision="bf16-mixed"),
+                     resolve_target("cpu:64GiB"), 1.0, find_max_batch=False)
+    measured = real_step_peak(NormalisedConvNet, lambda: ((torch.randn(16, 3, 8, 8),), {}),
+                              lambda output, _args, _kwargs: output.mean(), autocast_dtype=torch.bfloat16)
+    assert report.peak_allocated_bytes == measured
+
+
 def test_tied_weights_are_counted_once():
     def tied() -> nn.Module:
         embedding = nn.Embedding(1000, 64)
@@ -258,3 +283,26 @@ def test_lazy_modules_are_analysed_as_the_modules_they_become(precision):
 
     assert estimate(lazy) == estimate(explicit)
     assert estimate(lazy)[2]["parameters"] > 16 * 14 * 14 * 10 * (2 if precision == "bf16" else 4)
+
+
+class WidthFromTensorArithmetic(nn.Module):
+    """A size computed with torch ops on Python numbers (as Longformer counts its chunks): known, not assumed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = torch.div(x.shape[-1], 16, rounding_mode="trunc") + 1  # a fake tensor that keeps its value, 5
+        return self.linear(x).repeat(1, int(parts)).sigmoid()
+
+
+def test_a_value_computed_from_python_numbers_is_not_assumed():
+    from fuzzing import real_step_peak
+
+    report = analyse(workload(WidthFromTensorArithmetic, batch=32, shape=(64,)), resolve_target("cpu:64GiB"), 1.0,
+                     find_max_batch=False)
+    measured = real_step_peak(WidthFromTensorArithmetic, lambda: ((torch.randn(32, 64),), {}),
+                              lambda output, _args, _kwargs: output.mean())
+    assert report.peak_allocated_bytes == measured
+    assert not any(".item()" in note for note in report.assumptions)

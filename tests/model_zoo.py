@@ -1,0 +1,132 @@
+"""transformers architectures built from small configs, each trained for real and analysed by memlint.
+
+Shared by the tests (tests/test_model_zoo.py, a few architectures that each found a defect) and
+the benchmark (benchmarks/zoo.py, every architecture of transformers' auto mappings). For one
+model type, ``measure_one`` makes the default config small (``small_config``: 2 layers, hidden
+64, 4 heads, ...), builds the model for real, runs three real training steps on the CPU (foreach
+Adam, memlint's default loss) with ``real_step_peak`` (tests/fuzzing.py) counting the peak of
+live storages, and runs memlint's analysis of the same model on ``cpu:64GiB``. A host target
+runs the CPU's own kernels, so the two must agree to the byte.
+
+A model whose config, construction or real step fails is *skipped* (it does not run in eager
+PyTorch as configured here). Of the rest, memlint answers (``ok``), *refuses* with its clear
+error (a ModelError: a defect, since the real step ran), or *crashes* (any other exception).
+"""
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+KINDS = {
+    "causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "masked-lm": "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "image-classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
+}
+
+# Config attributes made small wherever a config has them (names differ between model families).
+SMALL = {
+    "hidden_size": 64, "n_embd": 64, "d_model": 64, "embed_dim": 64, "dim": 64, "n_embed": 64,
+    "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "n_layers": 2, "encoder_layers": 2,
+    "decoder_layers": 2, "num_decoder_layers": 2,
+    "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "n_heads": 4, "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "num_key_value_heads": 2, "num_kv_heads": 2, "multi_query_group_num": 2,
+    "intermediate_size": 128, "n_inner": 128, "ffn_dim": 128, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
+    "d_ff": 128, "ffn_hidden_size": 128, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64,
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
+    "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2,
+    "vocab_size": 256,
+    "max_position_embeddings": 512, "n_positions": 512,
+    "image_size": 64,
+}
+SEQUENCE_DEFAULT, BATCH_DEFAULT = 128, 4
+
+
+def small_config(kind: str, model_type: str) -> Any:
+    """The model type's default config with its sizes made small and kept consistent."""
+    import transformers
+
+    config = transformers.AutoConfig.for_model(model_type)
+    text = getattr(config, "text_config", None) if hasattr(config, "get_text_config") else None
+    for part in {id(c): c for c in (config, text, getattr(config, "vision_config", None)) if c is not None}.values():
+        for name, value in SMALL.items():
+            current = getattr(part, name, None)
+            if isinstance(current, int) and not isinstance(current, bool) and current > value:
+                setattr(part, name, value)
+        heads = getattr(part, "num_attention_heads", None)
+        hidden = getattr(part, "hidden_size", None)
+        if isinstance(getattr(part, "head_dim", None), int) and heads and hidden:
+            part.head_dim = hidden // heads
+        vocab = getattr(part, "vocab_size", None)
+        for token in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
+                      "mask_token_id", "unk_token_id", "decoder_start_token_id"):
+            value = getattr(part, token, None)
+            if isinstance(value, int) and vocab and value >= vocab:
+                setattr(part, token, vocab - 1 - len(token) % 3)
+        if getattr(part, "layer_types", None) is not None and getattr(part, "num_hidden_layers", None):
+            part.layer_types = list(part.layer_types)[:part.num_hidden_layers]
+    return config
+
+
+def example_inputs_for(kind: str, config: Any, sequence: int) -> Any:
+    """A function of the batch size giving the model's inputs, as memlint's ``example_inputs``."""
+    import torch
+
+    if kind == "image-classification":
+        vision = getattr(config, "vision_config", None) or config
+        size = getattr(vision, "image_size", 64)
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        channels = getattr(vision, "num_channels", 3)
+        return lambda batch_size: torch.randn(batch_size, channels, size, size)
+    vocab = getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "vocab_size", 256)
+    return lambda batch_size: {"input_ids": torch.randint(0, min(vocab, 200), (batch_size, sequence))}
+
+
+def measure_one(kind: str, model_type: str, batch: int, sequence: int, precision: str = "fp32",
+                mode: str = "train") -> dict[str, Any]:
+    """The real step and memlint's estimate for one model type (run in its own process)."""
+    import torch
+    import transformers
+    from transformers.models.auto import modeling_auto
+
+    from fuzzing import real_step_peak
+    from memlint.errors import ModelError
+    from memlint.estimator import Workload, analyse
+    from memlint.step import loss_factory
+    from memlint.targets import resolve_target
+
+    try:
+        config = small_config(kind, model_type)
+        model_class = getattr(transformers, getattr(modeling_auto, KINDS[kind])[model_type])
+        torch.manual_seed(0)
+        model_class(config)
+    except Exception as exc:  # noqa: BLE001 - a model that does not build is skipped, with why
+        return {"status": "skipped", "why": f"build: {_first_line(exc)}"}
+    inputs = example_inputs_for(kind, config, sequence)
+    loss = loss_factory(None, model_type)
+
+    def make_inputs() -> tuple[tuple, dict]:
+        value = inputs(batch)
+        return ((), value) if isinstance(value, dict) else ((value,), {})
+
+    try:
+        measured = real_step_peak(lambda: model_class(config), make_inputs, loss, train=mode == "train",
+                                  autocast_dtype=torch.bfloat16 if precision == "bf16-mixed" else None)
+    except Exception as exc:  # noqa: BLE001 - a model whose eager step fails is skipped, with why
+        return {"status": "skipped", "why": f"real step: {_first_line(exc)}"}
+    workload = Workload(name=model_class.__name__, path=f"{model_type}.py", line=1,
+                        build=lambda: model_class(config), example_inputs=inputs, loss_fn=None, build_optimizer=None,
+                        batch_size=batch, input_shape=None, input_dtype="float32", optimizer="adam",
+                        precision=precision, mode=mode)
+    try:
+        report = analyse(workload, resolve_target("cpu:64GiB"), 1.0, find_max_batch=False)
+    except ModelError as exc:
+        return {"status": "refused", "measured": measured, "why": exc.message[:300]}
+    except Exception as exc:  # noqa: BLE001 - a crash is what this benchmark looks for
+        return {"status": "crash", "measured": measured, "why": "".join(traceback.format_exception(exc)[-4:])[-800:]}
+    return {"status": "ok", "measured": measured, "estimated": report.peak_allocated_bytes}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:160] if text else ''}"
