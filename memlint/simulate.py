@@ -33,7 +33,6 @@ _DYNAMIC_SHAPE_OPS = {
 }
 
 
-
 def _grouped_mm_any_dtype(mat_a: torch.Tensor, mat_b: torch.Tensor, offs: torch.Tensor | None = None,
                           bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``_grouped_mm`` without its meta kernel's check that the inputs are bf16.
@@ -41,7 +40,10 @@ def _grouped_mm_any_dtype(mat_a: torch.Tensor, mat_b: torch.Tensor, offs: torch.
     The meta kernel checks the inputs of CUDA's CUTLASS path only; the CPU kernel and CUDA's
     fallback for other dtypes (aten/src/ATen/native/cuda/GroupedBlas.cpp, ``_grouped_mm_fallback``)
     take fp32 and return the same output. Mixture-of-experts layers of transformers call it in fp32.
+    bf16 inputs keep the meta kernel and its checks.
     """
+    if mat_a.dtype == torch.bfloat16:
+        return aten._grouped_mm.default(mat_a, mat_b, offs, bias, out_dtype)
     from torch._meta_registrations import _create_grouped_mm_output_tensor
 
     return _create_grouped_mm_output_tensor(mat_a, mat_b, offs, out_dtype)
@@ -184,7 +186,7 @@ class ValueAssumingMode(TorchDispatchMode):
         if func in _DYNAMIC_SHAPE_OPS:
             self.note(f"{func.__name__}: assumed every element selected (an upper bound)")
             out = _DYNAMIC_SHAPE_OPS[func](*args, **kwargs)
-        elif func in _PERMISSIVE_OPS and args[0].dtype != torch.bfloat16:
+        elif func in _PERMISSIVE_OPS:
             out = _PERMISSIVE_OPS[func](*args, **kwargs)
         else:
             out = func(*args, **kwargs)

@@ -351,18 +351,19 @@ def real_step_peak(build: Any, make_inputs: Any, loss_fn: Any, iterations: int =
     tracker = RealStorageTracker()
     for tensor in [*model.parameters(), *model.buffers()]:
         tracker.track(tensor)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     model.train(train)
 
     def autocast() -> Any:
         return torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
-    with tracker:
-        if not train:
+    if not train:
+        with tracker:
             args, kwargs = make_inputs()
             with torch.no_grad(), autocast():
                 model(*args, **kwargs)
-            return tracker.peak
+        return tracker.peak
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    with tracker:
         for _ in range(iterations):
             args, kwargs = make_inputs()
             with autocast():

@@ -42,13 +42,13 @@ SMALL = {
 SEQUENCE_DEFAULT, BATCH_DEFAULT = 128, 4
 
 
-def small_config(kind: str, model_type: str) -> Any:
+def small_config(model_type: str) -> Any:
     """The model type's default config with its sizes made small and kept consistent."""
     import transformers
 
     config = transformers.AutoConfig.for_model(model_type)
-    text = getattr(config, "text_config", None) if hasattr(config, "get_text_config") else None
-    for part in {id(c): c for c in (config, text, getattr(config, "vision_config", None)) if c is not None}.values():
+    parts = (config, getattr(config, "text_config", None), getattr(config, "vision_config", None))
+    for part in {id(c): c for c in parts if c is not None}.values():  # a text config may be the config itself
         for name, value in SMALL.items():
             current = getattr(part, name, None)
             if isinstance(current, int) and not isinstance(current, bool) and current > value:
@@ -61,7 +61,7 @@ def small_config(kind: str, model_type: str) -> Any:
         for token in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
                       "mask_token_id", "unk_token_id", "decoder_start_token_id"):
             value = getattr(part, token, None)
-            if isinstance(value, int) and vocab and value >= vocab:
+            if isinstance(value, int) and vocab and value >= vocab:  # ids inside the small vocabulary
                 setattr(part, token, vocab - 1 - len(token) % 3)
         if getattr(part, "layer_types", None) is not None and getattr(part, "num_hidden_layers", None):
             part.layer_types = list(part.layer_types)[:part.num_hidden_layers]
@@ -96,7 +96,7 @@ def measure_one(kind: str, model_type: str, batch: int, sequence: int, precision
     from memlint.targets import resolve_target
 
     try:
-        config = small_config(kind, model_type)
+        config = small_config(model_type)
         model_class = getattr(transformers, getattr(modeling_auto, KINDS[kind])[model_type])
         torch.manual_seed(0)
         model_class(config)
