@@ -347,10 +347,7 @@ def simulate_step(model: torch.nn.Module, plan: StepPlan, fake_mode: Any,
                 activation_by_module[module] = activation_by_module.get(module, 0) + ledger.storages[sid].nbytes
         # With saved-tensor hooks autograd no longer checks version counters itself; a training step
         # whose backward would fail (an in-place op overwrote a saved tensor) must fail here too.
-        # Detached (same storage, same version counter): a node that saves its own output would
-        # otherwise hold it through its grad_fn, a reference cycle that outlives a branch the loss
-        # never reaches (a pooler's tanh), where autograd itself frees it when the output goes.
-        return (tensor.detach() if tensor.grad_fn is not None else tensor), tensor._version
+        return (tensor.detach() if _saves_its_own_output(tensor) else tensor), tensor._version
 
     params = [p for p in model.parameters() if p.requires_grad]
     grad_hooks = [p.register_post_accumulate_grad_hook(
@@ -425,6 +422,18 @@ def _one_iteration(model: torch.nn.Module, plan: StepPlan, tracker: StorageTrack
         model.zero_grad(set_to_none=True)
     tracker.phase = "idle"
     return None
+
+
+def _saves_its_own_output(tensor: torch.Tensor) -> bool:
+    """Whether autograd is saving an output of the node it made last (sequence numbers count the nodes made).
+
+    Such a node, holding its output, would be held by it through ``grad_fn``: a reference cycle that
+    outlives a branch the loss never reaches (a pooler's tanh), where autograd itself frees the node
+    with the output. A detached tensor (same storage, same version counter) breaks it; saved inputs,
+    made by earlier nodes, need no detach (a dispatch on fake tensors, so not done for every one).
+    """
+    node = tensor.grad_fn
+    return node is not None and node._sequence_nr() == torch._C._autograd._get_sequence_nr() - 1
 
 
 def _unpack(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
