@@ -91,6 +91,7 @@ class Estimator:
         self.simulated: dict[int, Ledger] = {}
         self.interpolable: dict[tuple[int, int], bool] = {}  # two simulated batch sizes: same_allocations?
         self.scale = ScalePlan(self.model, workload, target, self.plan)
+        self.bool_answer = True  # see _traced_and_simulated
 
     def plan(self, batch_size: int) -> StepPlan:
         w = self.workload
@@ -99,10 +100,10 @@ class Estimator:
                                                              w.input_dtype, w.path, CAST.get(w.precision)),
                         loss_fn=self.loss, optimizer_factory=self.optimizer_factory,
                         autocast_dtype=AUTOCAST.get(w.precision), autocast_device="cuda" if gpu else "cpu",
-                        kernel_scratch=cudnn_workspace_bytes if gpu else None)
+                        kernel_scratch=cudnn_workspace_bytes if gpu else None, bool_answer=self.bool_answer)
 
     def trace(self) -> TraceResult:
-        scalars = ValueAssumingMode(Assumptions())
+        scalars = ValueAssumingMode(Assumptions(), bool_answer=self.bool_answer)
         return _run_model_code(lambda: trace_model(self.model, self.plan(self.workload.batch_size).make_inputs,
                                                      self.fake_mode, self.sites, scalars), self.workload)
 
@@ -317,13 +318,34 @@ def _user_line(exc: BaseException, path: str) -> int | None:
     return line
 
 
+def _traced_and_simulated(estimator: Estimator) -> tuple[TraceResult, Any, SimulationResult]:
+    """The trace and the step at the batch size asked for, with the step's counter (memlint/compute.py).
+
+    A bool read from a fake tensor is assumed True. Where the step then fails, True may be the
+    branch the real data does not take (Longformer's global attention, when no token is global):
+    the analysis runs again with False from then on, and fails with the first error when that
+    fails too.
+    """
+    def run() -> tuple[TraceResult, Any, SimulationResult]:
+        trace = estimator.trace()
+        counter = estimator.scale.step_counter()  # FLOPs, bytes and time of the step
+        return trace, counter, estimator.simulate(estimator.workload.batch_size, (counter,))
+
+    try:
+        return run()
+    except ModelError as first:
+        estimator.bool_answer = False
+        try:
+            return run()
+        except ModelError:
+            raise first
+
+
 def analyse(workload: Workload, target: Target, threshold: float, depth: int = 3, *,
             find_max_batch: bool = True) -> ModelReport:
     """The whole pipeline for one model: build, trace, simulate, attribute, search the batch."""
     estimator = Estimator(workload, target, threshold)
-    trace = estimator.trace()
-    counter = estimator.scale.step_counter()  # FLOPs, bytes and time of the step (memlint/compute.py)
-    result = estimator.simulate(workload.batch_size, (counter,))
+    trace, counter, result = _traced_and_simulated(estimator)
     ledger = estimator.simulated[workload.batch_size] = result.ledger
     peaks = ledger.peak_per_iteration(round_size)
     worst_iteration = max(range(len(peaks)), key=peaks.__getitem__)

@@ -156,17 +156,18 @@ def _drop_masked_outputs(func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
 class ValueAssumingMode(TorchDispatchMode):
     """Answers questions about values that fake tensors do not have, and records the assumption.
 
-    ``.item()`` gets 1 (ints), 0.5 (floats) or True (bools); ``nonzero``-like ops select every
-    element. Without this, stochastic depth or a data-dependent mask would stop the analysis.
+    ``.item()`` gets 1 (ints), 0.5 (floats) or ``bool_answer`` (bools, True unless a step that
+    assumed True failed: see ``Estimator._simulate``); ``nonzero``-like ops select every element. Without this, stochastic depth or a data-dependent mask would stop the analysis.
     A loop that waits on a value would never end on a constant answer (``trunc_normal_`` redraws
     ``while mask.any()``): the same line of the same call asking ``LOOP_LIMIT`` times in a row
     gets False from then on.
     """
 
-    def __init__(self, assumptions: Assumptions, where: str = "") -> None:
+    def __init__(self, assumptions: Assumptions, where: str = "", bool_answer: bool = True) -> None:
         super().__init__()
         self.assumptions = assumptions
         self.where = where
+        self.bool_answer = bool_answer
         self._last_site: tuple[int, str, int] | None = None
         self._repeats = 0
         self._assumed_an_int = False
@@ -217,7 +218,7 @@ class ValueAssumingMode(TorchDispatchMode):
         self._repeats = self._repeats + 1 if site == self._last_site else 1
         self._last_site = site
         if self._repeats <= LOOP_LIMIT:
-            return True
+            return self.bool_answer
         if self._repeats == LOOP_LIMIT + 1 and site is not None:
             self.note(f"{site[1]}:{site[2]} asked for the same value {LOOP_LIMIT} times in a row (a loop waiting "
                       "on a value): answered False from then on")
@@ -246,8 +247,8 @@ class AllocationRecorder(ValueAssumingMode):
     """
 
     def __init__(self, tracker: StorageTracker, assumptions: Assumptions,
-                 kernel_scratch: Callable[[Any, tuple, Any], int] | None = None) -> None:
-        super().__init__(assumptions)
+                 kernel_scratch: Callable[[Any, tuple, Any], int] | None = None, bool_answer: bool = True) -> None:
+        super().__init__(assumptions, bool_answer=bool_answer)
         self.tracker = tracker
         self.kernel_scratch = kernel_scratch
 
@@ -302,6 +303,7 @@ class StepPlan:
     autocast_device: str = "cuda"  # whose autocast policy: a GPU target's ("cuda") or a host's ("cpu")
     iterations: int = 3  # as a real loop: step 1 creates the optimizer state, steps 2-3 run with it
     kernel_scratch: Callable[[Any, tuple, Any], int] | None = None  # see AllocationRecorder
+    bool_answer: bool = True  # what a bool read from a fake tensor is assumed to be (ValueAssumingMode)
 
 
 # Iteration 1 creates the optimizer state, so it is always simulated; from this one on, an iteration
@@ -357,7 +359,7 @@ def simulate_step(model: torch.nn.Module, plan: StepPlan, fake_mode: Any,
     with fake_mode, contextlib.ExitStack() as stack:
         for mode in extra_modes:
             stack.enter_context(mode)
-        stack.enter_context(AllocationRecorder(tracker, assumptions, plan.kernel_scratch))
+        stack.enter_context(AllocationRecorder(tracker, assumptions, plan.kernel_scratch, plan.bool_answer))
         stack.enter_context(module_scope(tracker, model))
         stack.enter_context(modes_survive_recomputation())
         optimizer = plan.optimizer_factory(params) if plan.mode == "train" and plan.optimizer_factory else None

@@ -306,3 +306,27 @@ def test_a_value_computed_from_python_numbers_is_not_assumed():
                               lambda output, _args, _kwargs: output.mean())
     assert report.peak_allocated_bytes == measured
     assert not any(".item()" in note for note in report.assumptions)
+
+
+class BranchOnRareValues(nn.Module):
+    """A branch only outliers take, which these shapes cannot take (as Longformer's global attention)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.abs() > 1e6).any():  # never with real data
+            x = x.view(-1, 7)
+        return self.linear(x).relu()
+
+
+def test_a_branch_that_fails_when_assumed_taken_is_assumed_not_taken():
+    from fuzzing import real_step_peak
+
+    report = analyse(workload(BranchOnRareValues, batch=8, shape=(64,)), resolve_target("cpu:64GiB"), 1.0,
+                     find_max_batch=False)
+    measured = real_step_peak(BranchOnRareValues, lambda: ((torch.randn(8, 64),), {}),
+                              lambda output, _args, _kwargs: output.mean())
+    assert report.peak_allocated_bytes == measured
+    assert any("bool tensor: assumed False" in note for note in report.assumptions)

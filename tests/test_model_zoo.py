@@ -23,6 +23,8 @@ from model_zoo import measure_one  # noqa: E402
     ("causal-lm", "bart", "fp32", "train", 0),
     # A pooler's tanh on a branch the loss never reaches, held by a reference cycle (was 4% high).
     ("masked-lm", "fnet", "fp32", "train", 0),
+    # Longformer's global attention, taken when its switch is assumed True, fails on these shapes (was refused).
+    ("masked-lm", "longformer", "fp32", "train", 0),
     # The CPU's autocast policy on a host target, and inference.
     ("causal-lm", "llama", "bf16-mixed", "train", 0),
     ("masked-lm", "bert", "fp32", "infer", 0),
