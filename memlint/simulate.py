@@ -160,7 +160,8 @@ class ValueAssumingMode(TorchDispatchMode):
     assumed True failed: see ``Estimator._simulate``); ``nonzero``-like ops select every element. Without this, stochastic depth or a data-dependent mask would stop the analysis.
     A loop that waits on a value would never end on a constant answer (``trunc_normal_`` redraws
     ``while mask.any()``): the same line of the same call asking ``LOOP_LIMIT`` times in a row
-    gets False from then on.
+    gets False from then on, and that line gets False at once in later calls (a model that
+    initialises hundreds of weights with ``trunc_normal_`` would otherwise loop for each).
     """
 
     def __init__(self, assumptions: Assumptions, where: str = "", bool_answer: bool = True) -> None:
@@ -170,6 +171,7 @@ class ValueAssumingMode(TorchDispatchMode):
         self.bool_answer = bool_answer
         self._last_site: tuple[int, str, int] | None = None
         self._repeats = 0
+        self._waiting_lines: set[tuple[str, int]] = set()  # lines that asked LOOP_LIMIT times in a row
         self._assumed_an_int = False
 
     def note(self, text: str) -> None:
@@ -217,11 +219,14 @@ class ValueAssumingMode(TorchDispatchMode):
         site = (id(frame), frame.f_code.co_filename, frame.f_lineno) if frame is not None else None
         self._repeats = self._repeats + 1 if site == self._last_site else 1
         self._last_site = site
+        if site is not None and site[1:] in self._waiting_lines:
+            return False
         if self._repeats <= LOOP_LIMIT:
             return self.bool_answer
-        if self._repeats == LOOP_LIMIT + 1 and site is not None:
+        if site is not None:
+            self._waiting_lines.add(site[1:])
             self.note(f"{site[1]}:{site[2]} asked for the same value {LOOP_LIMIT} times in a row (a loop waiting "
-                      "on a value): answered False from then on")
+                      "on a value): answered False from then on, there")
         return False
 
 

@@ -174,6 +174,25 @@ def test_a_loop_waiting_on_a_value_ends_and_is_reported():
     assert any("a loop waiting on a value" in note for note in report.assumptions)
 
 
+def test_a_line_that_waited_on_a_value_is_answered_false_at_once_in_later_calls():
+    """BLT initialises hundreds of weights with ``trunc_normal_``: one 1,000-ask loop, not one per weight."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memlint.simulate import LOOP_LIMIT, Assumptions, ValueAssumingMode
+
+    def redraws(weight: torch.Tensor) -> int:
+        draws = 0
+        while (weight.abs() > 100).any():
+            draws += 1
+        return draws
+
+    assumptions = Assumptions()
+    with FakeTensorMode() as fake, ValueAssumingMode(assumptions):
+        weight = fake.from_tensor(torch.empty(512, 512))
+        assert [redraws(weight), redraws(weight)] == [LOOP_LIMIT, 0]
+    assert sum("a loop waiting on a value" in note for note in assumptions.render()) == 1
+
+
 def test_a_convolution_does_without_its_workspace_when_memory_is_short():
     """cuDNN falls back to a plan that needs less workspace; a tensor that does not fit is an out-of-memory error."""
     ledger = Ledger()
