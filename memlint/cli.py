@@ -50,6 +50,8 @@ def add_analysis_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", type=int, help="number of devices of --strategy (default 1)")
     parser.add_argument("--checkpoint-layers", action="store_true", default=None,
                         help="simulate with each top-level block under activation checkpointing")
+    parser.add_argument("--no-cache", action="store_false", dest="cache", default=None,
+                        help="analyse afresh, not from the answers kept for unchanged models (memlint.cache)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +109,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         optimizer=args.optimizer, precision=args.precision, mode=args.mode, threshold=args.threshold,
         model=args.model, select=args.select, ignore=args.ignore, depth=args.depth, timeout=args.timeout,
         memory_limit=args.memory_limit, strategy=args.strategy, devices=args.devices, no_import=args.no_import,
-        checkpoint_layers=args.checkpoint_layers, epoch_size=args.epoch_size,
+        checkpoint_layers=args.checkpoint_layers, epoch_size=args.epoch_size, cache=args.cache,
     )
 
 

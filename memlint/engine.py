@@ -10,6 +10,7 @@ import ast
 import fnmatch
 import io
 import os
+import sys
 import threading
 import tokenize
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from memlint.batchsize import BatchSizeSite, find_batch_size
+from memlint.cache import AnalysisCache, enabled as cache_enabled
 from memlint.diagnostics import Diagnostic, Severity, code_matches, is_suppressed
 from memlint.errors import MemlintError, UsageError
 from memlint.modelscan import defines_model
@@ -337,12 +339,14 @@ def _analyse_all(files: list[SourceFile], targets: list[Target], settings: Setti
     done = [0]
     lock = threading.Lock()
 
+    cache = AnalysisCache() if cache_enabled(settings.cache) else None
+
     def work(job):
         if progress is not None:
             with lock:
                 progress(f"{job[0].display} on {job[2].target}", done[0], len(jobs))
         try:
-            answer = run_in_child(job[2], settings.timeout, memory_limit)
+            answer = _analyse_one(job[2], settings, memory_limit, cache)
         except Exception as exc:  # the parent must survive whatever happened to the child
             answer = AnalysisAnswer([], {"message": f"the analysis failed: {type(exc).__name__}: {exc}",
                                          "path": job[2].display_path, "line": None,
@@ -361,6 +365,22 @@ def _analyse_all(files: list[SourceFile], targets: list[Target], settings: Setti
         except BaseException:  # Ctrl-C, or a failure while judging an answer: stop every child at once
             kill_all_children()
             raise
+
+
+def _analyse_one(request: AnalysisRequest, settings: Settings, memory_limit: int | None,
+                 cache: AnalysisCache | None) -> AnalysisAnswer:
+    """The kept answer while the model's inputs are unchanged, else a fresh analysis (kept when it succeeds)."""
+    fields = asdict(request)
+    kept = cache.lookup(fields) if cache is not None else None
+    if kept is not None:
+        if request.debug:
+            print(f"memlint: {request.display_path} on {request.target}: unchanged since its last analysis, "
+                  f"answered from the cache in {cache.directory} (--no-cache analyses afresh)", file=sys.stderr)
+        return AnalysisAnswer(reports=kept["reports"])
+    answer = run_in_child(request, settings.timeout, memory_limit)
+    if cache is not None and answer.error is None and answer.inputs is not None:
+        cache.store(fields, {"reports": answer.reports}, answer.inputs)
+    return answer
 
 
 def _only_changed(files: list[SourceFile], base: str, settings: Settings, paths: list[str]) -> list[SourceFile]:

@@ -41,6 +41,7 @@ class Settings:
     epoch_size: int | None = None
     checkpoint_layers: bool = False
     no_import: bool = False
+    cache: bool = True
     user_targets: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     config_path: str | None = None
 
@@ -84,6 +85,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "threshold": (float, int), "select": (list,), "ignore": (list,), "per-file-ignores": (dict,),
     "models": (list,), "timeout": (float, int), "memory-limit": (str,), "depth": (int,),
     "strategy": (str,), "devices": (int,), "epoch-size": (int,), "checkpoint-layers": (bool,),
+    "cache": (bool,),
 }
 _CHOICES = {"optimizer": OPTIMIZERS, "precision": PRECISIONS, "mode": MODES, "input-dtype": INPUT_DTYPES,
             "strategy": STRATEGIES}
@@ -96,7 +98,7 @@ _EXAMPLES = {"target": '"gtx1050ti"', "targets": '["gtx1050ti", "a100-80gb"]', "
              "mode": '"train"', "threshold": "0.8", "select": '["ALL"]', "ignore": '["DEV004"]',
              "per-file-ignores": '{ "tests/*" = ["DEV"] }', "models": '["models/*.py"]', "timeout": "120",
              "memory-limit": '"8GiB"', "depth": "3", "devices": "8", "epoch-size": "50000",
-             "checkpoint-layers": "true"}
+             "checkpoint-layers": "true", "cache": "false"}
 
 
 def _key_line(text: str, key: str) -> int | None:

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from memlint.cache import InputRecorder
 from memlint.errors import MemlintError, ModelError
 from memlint.settings import Settings
 
@@ -46,6 +47,7 @@ class AnalysisAnswer:
 
     reports: list[dict[str, Any]]
     error: dict[str, Any] | None = None
+    inputs: dict[str, Any] | None = None  # what the analysis read (memlint.cache), when it may be kept
 
 
 def run_in_child(request: AnalysisRequest, timeout: float, memory_limit: int | None) -> AnalysisAnswer:
@@ -208,7 +210,8 @@ def _answer(request: AnalysisRequest, returncode: int, output: bytes, err: str, 
     answer = next((m for m in reversed(messages) if "reports" in m), None)
     if returncode == 0 and answer is not None:
         try:
-            return AnalysisAnswer(reports=list(answer["reports"]), error=answer.get("error"))
+            return AnalysisAnswer(reports=list(answer["reports"]), error=answer.get("error"),
+                                  inputs=answer.get("inputs"))
         except (TypeError, KeyError):
             pass
     if returncode == 0:
@@ -354,6 +357,8 @@ def _guard_child() -> None:
 
 def main() -> None:
     _guard_child()
+    recorder = InputRecorder()
+    recorder.install()
     request = AnalysisRequest(**json.loads(sys.stdin.read()))
     sys.dont_write_bytecode = True
     _limit_memory()
@@ -382,6 +387,8 @@ def main() -> None:
             answer = AnalysisAnswer([], _error_json(ModelError(
                 f"internal error while analysing: {type(exc).__name__}: {exc}", path=request.display_path,
                 hint="rerun with --debug and report it")))
+    if answer.error is None:
+        answer.inputs = recorder.inputs()
     _emit(asdict(answer))
     for stream in (sys.stdout, sys.stderr):
         try:

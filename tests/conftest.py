@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -12,6 +13,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = Path(__file__).resolve().parent / "models"
+
+# Every test analyses afresh (and the commands they start too): a test of the analysis must not be
+# answered by another test's kept answer. tests/test_cache.py turns the cache on for itself.
+os.environ["MEMLINT_NO_CACHE"] = "1"
 
 
 # A minimal model file that analyses quickly, for tests of the command's behaviour.
