@@ -99,11 +99,12 @@ class Estimator:
         return StepPlan(mode=w.mode, make_inputs=input_factory(batch_size, w.example_inputs, w.input_shape,
                                                              w.input_dtype, w.path, CAST.get(w.precision)),
                         loss_fn=self.loss, optimizer_factory=self.optimizer_factory,
-                        autocast_dtype=AUTOCAST.get(w.precision), autocast_device="cuda" if gpu else "cpu",
+                        autocast_dtype=AUTOCAST.get(w.precision), kernels="cuda" if gpu else "cpu",
                         kernel_scratch=cudnn_workspace_bytes if gpu else None, bool_answer=self.bool_answer)
 
     def trace(self) -> TraceResult:
-        scalars = ValueAssumingMode(Assumptions(), bool_answer=self.bool_answer)
+        scalars = ValueAssumingMode(Assumptions(), bool_answer=self.bool_answer,
+                                    kernels="cuda" if self.target.kind == "gpu" else "cpu")
         return _run_model_code(lambda: trace_model(self.model, self.plan(self.workload.batch_size).make_inputs,
                                                      self.fake_mode, self.sites, scalars), self.workload)
 

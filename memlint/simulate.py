@@ -66,6 +66,34 @@ def _sizes_that_split(tensor: torch.Tensor, sizes: list[int], dim: int = 0) -> t
 # Ops whose meta kernel refuses inputs that the real kernels take: the output as the kernels make it.
 _PERMISSIVE_OPS = {aten._grouped_mm.default: _grouped_mm_any_dtype}
 
+_HALF = (torch.float16, torch.bfloat16)
+# Normalisations whose meta kernels give the saved statistics (outputs 1 and 2) the input's dtype.
+_NORMS = (aten.native_layer_norm.default, aten.native_group_norm.default, aten.native_batch_norm.default)
+
+
+def _outputs_as_kernels_make_them(func: Any, args: tuple, out: Any, kernels: str) -> Any:
+    """Fix the dtypes where a meta kernel and the real kernels differ, on a half-precision input.
+
+    The saved mean and inverse deviation of a normalisation: with fp32 weights (autocast's mixed
+    precision) the CPU and CUDA kernels keep them in fp32 (``param_scalar_type`` in
+    aten/src/ATen/native/layer_norm.cpp and group_norm.cpp, ``mixed_type`` in batch_norm_cpu), and
+    CUDA's layer and batch norm always do (``toAccumulateType`` in cuda/layer_norm_kernel.cu and
+    ``batch_norm_cuda`` in cuda/Normalization.cu); the meta kernels make them bf16/fp16. And
+    ``native_group_norm_backward``'s meta kernel makes an fp32 input gradient where the kernels give
+    the input's dtype.
+    """
+    if func in _NORMS:
+        data, params = args[0], [a for a in args[1:3] if isinstance(a, torch.Tensor)]
+        if data.dtype in _HALF and out[1].dtype != torch.float32 and (
+                any(p.dtype == torch.float32 for p in params)
+                or (kernels == "cuda" and func is not aten.native_group_norm.default)):
+            return (out[0], *(torch.empty_like(stat, dtype=torch.float32) for stat in out[1:3]), *out[3:])
+    elif func is aten.native_group_norm_backward.default:
+        data = args[1]
+        if out[0] is not None and out[0].dtype != data.dtype:
+            return (torch.empty_like(out[0], dtype=data.dtype), *out[1:])
+    return out
+
 
 @dataclass
 class Assumptions:
@@ -164,9 +192,11 @@ class ValueAssumingMode(TorchDispatchMode):
     initialises hundreds of weights with ``trunc_normal_`` would otherwise loop for each).
     """
 
-    def __init__(self, assumptions: Assumptions, where: str = "", bool_answer: bool = True) -> None:
+    def __init__(self, assumptions: Assumptions, where: str = "", bool_answer: bool = True,
+                 kernels: str = "cuda") -> None:
         super().__init__()
         self.assumptions = assumptions
+        self.kernels = kernels  # whose kernels' output dtypes to follow: a GPU target's ("cuda") or a host's ("cpu")
         self.where = where
         self.bool_answer = bool_answer
         self._last_site: tuple[int, str, int] | None = None
@@ -192,7 +222,7 @@ class ValueAssumingMode(TorchDispatchMode):
         elif func in _PERMISSIVE_OPS:
             out = _PERMISSIVE_OPS[func](*args, **kwargs)
         else:
-            out = func(*args, **kwargs)
+            out = _outputs_as_kernels_make_them(func, args, func(*args, **kwargs), self.kernels)
         out = _drop_masked_outputs(func, args, kwargs, out)
         self.record(func, args, out)
         return out
@@ -252,8 +282,9 @@ class AllocationRecorder(ValueAssumingMode):
     """
 
     def __init__(self, tracker: StorageTracker, assumptions: Assumptions,
-                 kernel_scratch: Callable[[Any, tuple, Any], int] | None = None, bool_answer: bool = True) -> None:
-        super().__init__(assumptions, bool_answer=bool_answer)
+                 kernel_scratch: Callable[[Any, tuple, Any], int] | None = None, bool_answer: bool = True,
+                 kernels: str = "cuda") -> None:
+        super().__init__(assumptions, bool_answer=bool_answer, kernels=kernels)
         self.tracker = tracker
         self.kernel_scratch = kernel_scratch
 
@@ -305,7 +336,7 @@ class StepPlan:
     loss_fn: Callable[[Any, tuple, dict], torch.Tensor]
     optimizer_factory: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None
     autocast_dtype: torch.dtype | None = None
-    autocast_device: str = "cuda"  # whose autocast policy: a GPU target's ("cuda") or a host's ("cpu")
+    kernels: str = "cuda"  # whose kernels and autocast policy: a GPU target's ("cuda") or a host's ("cpu")
     iterations: int = 3  # as a real loop: step 1 creates the optimizer state, steps 2-3 run with it
     kernel_scratch: Callable[[Any, tuple, Any], int] | None = None  # see AllocationRecorder
     bool_answer: bool = True  # what a bool read from a fake tensor is assumed to be (ValueAssumingMode)
@@ -364,7 +395,8 @@ def simulate_step(model: torch.nn.Module, plan: StepPlan, fake_mode: Any,
     with fake_mode, contextlib.ExitStack() as stack:
         for mode in extra_modes:
             stack.enter_context(mode)
-        stack.enter_context(AllocationRecorder(tracker, assumptions, plan.kernel_scratch, plan.bool_answer))
+        stack.enter_context(AllocationRecorder(tracker, assumptions, plan.kernel_scratch, plan.bool_answer,
+                                               plan.kernels))
         stack.enter_context(module_scope(tracker, model))
         stack.enter_context(modes_survive_recomputation())
         optimizer = plan.optimizer_factory(params) if plan.mode == "train" and plan.optimizer_factory else None
@@ -467,7 +499,7 @@ def _autocast(plan: StepPlan) -> contextlib.AbstractContextManager:
     """
     if plan.autocast_dtype is None:
         return contextlib.nullcontext()
-    if plan.autocast_device == "cpu":
+    if plan.kernels == "cpu":
         return torch.autocast("cpu", dtype=plan.autocast_dtype)
     return CudaAutocastMode(plan.autocast_dtype)
 

@@ -3,7 +3,8 @@
 Shared by the tests (tests/test_model_zoo.py, a few architectures that each found a defect) and
 the benchmark (benchmarks/zoo.py, every architecture of transformers' auto mappings). For one
 model type, ``measure_one`` makes the default config small (``small_config``: 2 layers, hidden
-64, 4 heads, ...), builds the model for real, runs three real training steps on the CPU (foreach
+64, 4 heads, ...; where the model does not build or run so, the next of ``SHRINKS``), builds the
+model for real, runs three real training steps on the CPU (foreach
 Adam, memlint's default loss) with ``real_step_peak`` (tests/fuzzing.py) counting the peak of
 live storages, and runs memlint's analysis of the same model on ``cpu:64GiB``. A host target
 runs the CPU's own kernels, so the two must agree to the byte.
@@ -34,38 +35,83 @@ SMALL = {
     "intermediate_size": 128, "n_inner": 128, "ffn_dim": 128, "encoder_ffn_dim": 128, "decoder_ffn_dim": 128,
     "d_ff": 128, "ffn_hidden_size": 128, "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
-    "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2,
+    "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2, "n_group": 2, "topk_group": 1,
+    "rotary_dim": 16,
     "vocab_size": 256,
     "max_position_embeddings": 512, "n_positions": 512,
     "image_size": 64,
 }
+# The widths: what "layers only" leaves at the defaults.
+WIDTHS = {"hidden_size", "n_embd", "d_model", "embed_dim", "dim", "n_embed", "num_attention_heads", "n_head",
+          "num_heads", "n_heads", "encoder_attention_heads", "decoder_attention_heads", "num_key_value_heads",
+          "num_kv_heads", "multi_query_group_num", "intermediate_size", "n_inner", "ffn_dim", "encoder_ffn_dim",
+          "decoder_ffn_dim", "d_ff", "ffn_hidden_size", "image_size", "rotary_dim"}
+# Ways to make a config small, tried in order until the model builds and its real step runs: every
+# size small with the head size following the width; the same with the config's own per-head sizes
+# and heads per key-value head (rotary and latent-attention sizes stay consistent); only the depth,
+# experts and vocabulary small.
+SHRINKS = ("small", "per-head sizes kept", "layers only")
+LARGEST_REAL_STEP = 150_000_000  # parameters at default widths: three real CPU steps of more take minutes here
 SEQUENCE_DEFAULT, BATCH_DEFAULT = 128, 4
 
 
-def small_config(model_type: str) -> Any:
-    """The model type's default config with its sizes made small and kept consistent."""
+def small_config(model_type: str, shrink: str = "small") -> Any:
+    """The model type's default config with its sizes made small (``shrink``, one of SHRINKS)."""
     import transformers
 
     config = transformers.AutoConfig.for_model(model_type)
     parts = (config, getattr(config, "text_config", None), getattr(config, "vision_config", None))
     for part in {id(c): c for c in parts if c is not None}.values():  # a text config may be the config itself
+        heads, kv_heads = _attribute(part, "num_attention_heads"), _attribute(part, "num_key_value_heads")
         for name, value in SMALL.items():
-            current = getattr(part, name, None)
+            current = _attribute(part, name)
+            if shrink == "layers only" and name in WIDTHS:
+                continue
             if isinstance(current, int) and not isinstance(current, bool) and current > value:
-                setattr(part, name, value)
-        heads = getattr(part, "num_attention_heads", None)
-        hidden = getattr(part, "hidden_size", None)
-        if isinstance(getattr(part, "head_dim", None), int) and heads and hidden:
-            part.head_dim = hidden // heads
-        vocab = getattr(part, "vocab_size", None)
+                _set(part, name, value)
+        hidden, small_heads = _attribute(part, "hidden_size"), _attribute(part, "num_attention_heads")
+        if shrink == "small" and isinstance(_attribute(part, "head_dim"), int) and small_heads and hidden:
+            _set(part, "head_dim", hidden // small_heads)
+        if shrink == "per-head sizes kept" and isinstance(heads, int) and isinstance(kv_heads, int) and small_heads:
+            _set(part, "num_key_value_heads", max(1, small_heads * kv_heads // heads))  # the grouping kept
+        vocab = _attribute(part, "vocab_size")
         for token in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
                       "mask_token_id", "unk_token_id", "decoder_start_token_id"):
-            value = getattr(part, token, None)
+            value = _attribute(part, token)
             if isinstance(value, int) and vocab and value >= vocab:  # ids inside the small vocabulary
-                setattr(part, token, vocab - 1 - len(token) % 3)
-        if getattr(part, "layer_types", None) is not None and getattr(part, "num_hidden_layers", None):
-            part.layer_types = list(part.layer_types)[:part.num_hidden_layers]
+                _set(part, token, vocab - 1 - len(token) % 3)
+        _keep_each_layer_type(part)
     return config
+
+
+def _attribute(part: Any, name: str) -> Any:
+    """The attribute, or None (also where a config refuses a global value of a per-layer attribute)."""
+    try:
+        return getattr(part, name, None)
+    except Exception:  # noqa: BLE001 - transformers' AmbiguousGlobalPerLayerAttributeError and the like
+        return None
+
+
+def _set(part: Any, name: str, value: Any) -> None:
+    try:
+        setattr(part, name, value)
+    except (AttributeError, TypeError, ValueError):  # a property computed from other sizes
+        pass
+
+
+def _keep_each_layer_type(part: Any) -> None:
+    """Fewer layers, but one of each kind (a hybrid's linear and full attention): first of each, then in order."""
+    types, layers = _attribute(part, "layer_types"), _attribute(part, "num_hidden_layers")
+    if not types or not isinstance(layers, int):
+        return
+    kinds = list(dict.fromkeys(types))
+    rest = list(types)
+    for kind in kinds:
+        rest.remove(kind)
+    kept = (kinds + rest)[:max(layers, len(kinds))]
+    if len(kept) != layers:
+        _set(part, "num_hidden_layers", len(kept))
+    _set(part, "layer_types", kept)
 
 
 def example_inputs_for(kind: str, config: Any, sequence: int) -> Any:
@@ -95,25 +141,38 @@ def measure_one(kind: str, model_type: str, batch: int, sequence: int, precision
     from memlint.step import loss_factory
     from memlint.targets import resolve_target
 
-    try:
-        config = small_config(model_type)
-        model_class = getattr(transformers, getattr(modeling_auto, KINDS[kind])[model_type])
-        torch.manual_seed(0)
-        model_class(config)
-    except Exception as exc:  # noqa: BLE001 - a model that does not build is skipped, with why
-        return {"status": "skipped", "why": f"build: {_first_line(exc)}"}
-    inputs = example_inputs_for(kind, config, sequence)
+    class_name = getattr(modeling_auto, KINDS[kind])[model_type]
+    model_class = getattr(transformers, class_name) if isinstance(class_name, str) else None
+    if model_class is None:
+        return {"status": "skipped", "why": f"no model class {class_name!r} in this transformers"}
     loss = loss_factory(None, model_type)
+    failures = []
+    for shrink in SHRINKS:  # a model that builds and runs in eager PyTorch in none of them is skipped, with why
+        try:
+            config = small_config(model_type, shrink)
+            torch.manual_seed(0)
+            parameters = sum(p.numel() for p in model_class(config).parameters())
+        except Exception as exc:  # noqa: BLE001
+            failures.append(f"{shrink}: build: {_first_line(exc)}")
+            continue
+        if shrink == "layers only" and parameters > LARGEST_REAL_STEP:
+            failures.append(f"{shrink}: {parameters / 1e6:.0f}M parameters, too large for three real CPU steps here")
+            continue
+        inputs = example_inputs_for(kind, config, sequence)
 
-    def make_inputs() -> tuple[tuple, dict]:
-        value = inputs(batch)
-        return ((), value) if isinstance(value, dict) else ((value,), {})
+        def make_inputs() -> tuple[tuple, dict]:
+            value = inputs(batch)
+            return ((), value) if isinstance(value, dict) else ((value,), {})
 
-    try:
-        measured = real_step_peak(lambda: model_class(config), make_inputs, loss, train=mode == "train",
-                                  autocast_dtype=torch.bfloat16 if precision == "bf16-mixed" else None)
-    except Exception as exc:  # noqa: BLE001 - a model whose eager step fails is skipped, with why
-        return {"status": "skipped", "why": f"real step: {_first_line(exc)}"}
+        try:
+            measured = real_step_peak(lambda: model_class(config), make_inputs, loss, train=mode == "train",
+                                      autocast_dtype=torch.bfloat16 if precision == "bf16-mixed" else None)
+        except Exception as exc:  # noqa: BLE001
+            failures.append(f"{shrink}: real step: {_first_line(exc)}")
+            continue
+        break
+    else:
+        return {"status": "skipped", "why": "; ".join(failures)}
     workload = Workload(name=model_class.__name__, path=f"{model_type}.py", line=1,
                         build=lambda: model_class(config), example_inputs=inputs, loss_fn=None, build_optimizer=None,
                         batch_size=batch, input_shape=None, input_dtype="float32", optimizer="adam",
@@ -121,10 +180,11 @@ def measure_one(kind: str, model_type: str, batch: int, sequence: int, precision
     try:
         report = analyse(workload, resolve_target("cpu:64GiB"), 1.0, find_max_batch=False)
     except ModelError as exc:
-        return {"status": "refused", "measured": measured, "why": exc.message[:300]}
+        return {"status": "refused", "shrink": shrink, "measured": measured, "why": exc.message[:300]}
     except Exception as exc:  # noqa: BLE001 - a crash is what this benchmark looks for
-        return {"status": "crash", "measured": measured, "why": "".join(traceback.format_exception(exc)[-4:])[-800:]}
-    return {"status": "ok", "measured": measured, "estimated": report.peak_allocated_bytes}
+        return {"status": "crash", "shrink": shrink, "measured": measured,
+                "why": "".join(traceback.format_exception(exc)[-4:])[-800:]}
+    return {"status": "ok", "shrink": shrink, "measured": measured, "estimated": report.peak_allocated_bytes}
 
 
 def _first_line(exc: BaseException) -> str:

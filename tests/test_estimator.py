@@ -143,15 +143,67 @@ class NormalisedConvNet(nn.Module):
         return self.head(y).softmax(-1)
 
 
-def test_a_host_target_runs_the_cpus_autocast_policy():
+class NormalisedTokens(nn.Module):
+    """Layer and group norm over many tokens: their saved statistics and gradients are kilobytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 64)
+        self.norm = nn.LayerNorm(64)
+        self.groups = nn.GroupNorm(8, 64)
+        self.batch = nn.BatchNorm1d(64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(self.embed(x)).transpose(1, 2)
+        return self.batch(self.groups(y).relu())
+
+
+@pytest.mark.parametrize("model, shape", [(NormalisedConvNet, (3, 8, 8)), (NormalisedTokens, (128, 16))])
+def test_a_host_target_runs_the_cpus_autocast_policy(model, shape):
     """bf16-mixed on a CPU target is torch.autocast("cpu"): the estimate equals a real CPU step's peak."""
     from fuzzing import real_step_peak
 
-    report = analyse(workload(NormalisedConvNet, batch=16, shape=(3, 8, 8), precision="bf16-mixed"),
+    report = analyse(workload(model, batch=16, shape=shape, precision="bf16-mixed"),
                      resolve_target("cpu:64GiB"), 1.0, find_max_batch=False)
-    measured = real_step_peak(NormalisedConvNet, lambda: ((torch.randn(16, 3, 8, 8),), {}),
+    measured = real_step_peak(model, lambda: ((torch.randn(16, *shape),), {}),
                               lambda output, _args, _kwargs: output.mean(), autocast_dtype=torch.bfloat16)
     assert report.peak_allocated_bytes == measured
+
+
+NORMS = {  # op: (inputs from a half-precision tensor and parameters (or None), the op's call)
+    "layer_norm": lambda x, w, b: torch.ops.aten.native_layer_norm(x, [x.shape[-1]], w, b, 1e-5),
+    "group_norm": lambda x, w, b: torch.ops.aten.native_group_norm(x, w, b, x.shape[0], x.shape[1], x.shape[2], 4,
+                                                                   1e-5),
+    "batch_norm": lambda x, w, b: torch.ops.aten.native_batch_norm(x, w, b, None, None, True, 0.1, 1e-5),
+}
+
+
+@pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("params", [torch.float32, torch.bfloat16, None])
+def test_normalisation_outputs_have_the_cpu_kernels_dtypes(norm, params):
+    """Saved statistics and input gradients of the norms, simulated for a host, as the CPU kernels make them
+    (the meta kernels give bf16 statistics for fp32 weights, and group norm an fp32 input gradient)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memlint.simulate import Assumptions, ValueAssumingMode
+
+    def step(mode_stack):
+        x = torch.randn(4, 8, 32, dtype=torch.bfloat16, requires_grad=True)
+        w = b = None if params is None else torch.ones(8 if norm != "layer_norm" else 32, dtype=params)
+        with mode_stack():
+            x = x.detach().requires_grad_()
+            outputs = NORMS[norm](x, w, b)
+            outputs[0].float().sum().backward()
+            return [t.dtype for t in outputs if isinstance(t, torch.Tensor)] + [x.grad.dtype]
+
+    import contextlib
+
+    @contextlib.contextmanager
+    def simulated():
+        with FakeTensorMode(allow_non_fake_inputs=True), ValueAssumingMode(Assumptions(), kernels="cpu"):
+            yield
+
+    assert step(simulated) == step(contextlib.nullcontext)
 
 
 def test_tied_weights_are_counted_once():
