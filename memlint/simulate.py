@@ -21,13 +21,16 @@ from torch.utils._pytree import tree_flatten
 from memlint.autocast import CudaAutocastMode
 from memlint.ledger import Ledger, StorageInfo
 from memlint.recompute import modes_survive_recomputation
+from memlint.values import ValueKnowledge
 
 aten = torch.ops.aten
 
 # Ops whose output size depends on tensor values. On fake tensors we assume the largest
-# output (every element selected), which can only over-estimate, and say so.
+# output (every element selected), which can only over-estimate, and say so; ``nonzero`` of a
+# one-hot selection gets its known share instead (memlint/values.py).
 _DYNAMIC_SHAPE_OPS = {
-    aten.nonzero.default: lambda x: torch.empty((x.numel(), x.dim()), dtype=torch.long, device=x.device),
+    aten.nonzero.default: lambda x, rows=None: torch.empty((x.numel() if rows is None else rows, x.dim()),
+                                                           dtype=torch.long, device=x.device),
     aten.masked_select.default: lambda x, mask: torch.empty(
         (torch.broadcast_shapes(x.shape, mask.shape).numel(),), dtype=x.dtype, device=x.device),
 }
@@ -203,6 +206,7 @@ class ValueAssumingMode(TorchDispatchMode):
         self._repeats = 0
         self._waiting_lines: set[tuple[str, int]] = set()  # lines that asked LOOP_LIMIT times in a row
         self._assumed_an_int = False
+        self.knowledge = ValueKnowledge()
 
     def note(self, text: str) -> None:
         self.assumptions.add(f"{self.where}: {text}" if self.where else text)
@@ -216,13 +220,20 @@ class ValueAssumingMode(TorchDispatchMode):
             if list(split[1]) != list(args[1]):
                 self.note("split sizes read from tensor values (.tolist()): assumed equal parts")
                 args = split
-        if func in _DYNAMIC_SHAPE_OPS:
+        rows = self.knowledge.nonzero_rows(args[0]) if func is aten.nonzero.default else None
+        if rows is not None:
+            self.note(f"{func.__name__} of a one-hot selection: assumed its share of the elements, spread evenly "
+                      "(each expert gets tokens x top-k / experts)")
+            out = _DYNAMIC_SHAPE_OPS[func](args[0], rows)
+            self.knowledge.learn_nonzero(args[0], out)
+        elif func in _DYNAMIC_SHAPE_OPS:
             self.note(f"{func.__name__}: assumed every element selected (an upper bound)")
             out = _DYNAMIC_SHAPE_OPS[func](*args, **kwargs)
         elif func in _PERMISSIVE_OPS:
             out = _PERMISSIVE_OPS[func](*args, **kwargs)
         else:
             out = _outputs_as_kernels_make_them(func, args, func(*args, **kwargs), self.kernels)
+            self.knowledge.learn(func, args, kwargs, out)
         out = _drop_masked_outputs(func, args, kwargs, out)
         self.record(func, args, out)
         return out
@@ -234,6 +245,9 @@ class ValueAssumingMode(TorchDispatchMode):
         constant = getattr(tensor, "constant", None)
         if constant is not None:  # a fake tensor computed from Python numbers keeps its value: nothing to assume
             return constant.item()
+        known = self.knowledge.scalar(tensor)
+        if known is not None:  # computed from known values (memlint/values.py)
+            return known
         if tensor.dtype == torch.bool:
             value: Any = self._assumed_bool()
         elif tensor.dtype.is_floating_point or tensor.dtype.is_complex:

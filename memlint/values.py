@@ -1,0 +1,161 @@
+"""What the simulation can know about values that fake tensors do not carry.
+
+Fake tensors have shapes, not values, so a data-dependent op must be answered by assumption
+(``ValueAssumingMode``). Two kinds of value are known anyway, and make those answers right:
+
+* **Values computed from known values.** ``arange``, ``zeros``, ``ones`` and ``full`` have values
+  that do not depend on the data; so does every op on known values alone, which this computes for
+  real on small CPU tensors (the indices of a loop over experts, a position table). ``.item()`` on
+  such a tensor is then its value, not an assumption: the loop picks the expert it would pick.
+* **The share of non-zeros of a one-hot selection.** A router's ``one_hot(top_k_index, E)`` (an
+  ``eq`` of unknown indices against a known ``arange(E)``) has exactly one 1 in each row of E, so
+  a ``1/E`` share of non-zero elements; views, copies and indexing keep the share, and a ``sum``
+  counts them (in expectation). ``nonzero`` of such a tensor gets that share of its elements,
+  rounded up, instead of every element (the safe bound for an unknown mask): a mixture of experts
+  that loops over its experts (``torch.where(expert_mask[e])``, as Mixtral's code did before
+  transformers 5) then gives each expert ``tokens x top_k / E`` tokens, the real total of the
+  tokens the experts see whatever the routing, where the bound gave every expert every token (E /
+  top_k times too many). A ``sum`` that counts at least one expected non-zero per element is
+  assumed non-zero: every expert is hit (``expert_mask.sum(...) > 0``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import _disable_current_modes
+from torch.utils.weak import WeakIdKeyDictionary
+
+aten = torch.ops.aten
+
+KNOWN_NUMEL_LIMIT = 1 << 16  # larger tensors are not computed for real (time and memory)
+_SOURCES = {aten.arange, aten.zeros, aten.ones, aten.full, aten.scalar_tensor}  # values without inputs
+# Ops that move or copy elements without changing which are non-zero (each output from input 0).
+_SHARE_KEEPING = {aten.view, aten._unsafe_view, aten.reshape, aten.permute, aten.squeeze, aten.unsqueeze,
+                  aten.select, aten.slice, aten.transpose, aten.t, aten.clone, aten.expand, aten.detach, aten.alias,
+                  aten._to_copy, aten.index, aten.unbind, aten.contiguous}
+_NONZERO_TESTS = {aten.gt, aten.ne, aten.greater}
+
+
+class ValueKnowledge:
+    """Known values and non-zero shares of the fake tensors of one simulation (weakly held)."""
+
+    def __init__(self) -> None:
+        self.values: WeakIdKeyDictionary = WeakIdKeyDictionary()  # fake tensor -> a real tensor of its values
+        self.share: WeakIdKeyDictionary = WeakIdKeyDictionary()  # fake tensor -> expected share of non-zeros
+        self.count: WeakIdKeyDictionary = WeakIdKeyDictionary()  # fake tensor -> expected value of its elements
+
+    def learn(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        """After an op: what its outputs' values are, or what share of them is non-zero."""
+        facts = _FACTS.get(func) or _facts(func)
+        if not (self.values or self.share or facts.source):  # nothing known yet (most CNNs): nothing to learn
+            return
+        if self._compute(func, facts, args, kwargs, out):
+            return
+        if facts.mutable:  # an op that wrote into a tensor from unknown values: forget what it held
+            for value in (*args, *kwargs.values()):
+                if isinstance(value, torch.Tensor):
+                    self.values.pop(value, None)
+                    self.share.pop(value, None)
+            return
+        first = args[0] if args else None
+        if not isinstance(first, torch.Tensor):
+            return
+        packet = facts.packet
+        if packet in _SHARE_KEEPING and first in self.share:
+            for value in _tensors(out):
+                self.share[value] = self.share[first]
+        elif packet is aten.eq and isinstance(out, torch.Tensor) and len(args) > 1:
+            self._one_hot(args[0], args[1], out)
+        elif packet is aten.sum and first in self.share and isinstance(out, torch.Tensor) and out.numel():
+            self.count[out] = self.share[first] * first.numel() / out.numel()
+        elif packet in _NONZERO_TESTS and first in self.count and len(args) > 1 and args[1] == 0:
+            self.share[out] = min(1.0, self.count[first])
+
+    def _compute(self, func: Any, facts: "_OpFacts", args: tuple, kwargs: dict, out: Any) -> bool:
+        """Run the op for real when every tensor it reads has known values (or it reads none and is a
+        source of values); True when it did."""
+        if facts.random:
+            return False
+        inputs = _tensors((*args, *kwargs.values()))
+        if any(t not in self.values for t in inputs) or (not inputs and not facts.source):
+            return False
+        outputs = _tensors(out)
+        if not outputs or any(o.numel() > KNOWN_NUMEL_LIMIT for o in outputs):
+            return False
+
+        def real(value: Any) -> Any:
+            if isinstance(value, (list, tuple)):
+                return type(value)(real(v) for v in value)
+            return self.values[value] if isinstance(value, torch.Tensor) else value
+
+        with _disable_current_modes():
+            try:
+                results = _tensors(func(*real(args), **{k: real(v) for k, v in kwargs.items()}))
+            except Exception:  # noqa: BLE001 - a value we cannot compute stays unknown
+                return False
+        if [r.shape for r in results] != [o.shape for o in outputs]:
+            return False
+        for fake, result in zip(outputs, results):
+            self.values[fake] = result
+        return True
+
+    def _one_hot(self, left: Any, right: Any, out: torch.Tensor) -> None:
+        for unknown, known in ((left, right), (right, left)):
+            values = self.values.get(known) if isinstance(known, torch.Tensor) else None
+            if values is None or values.dim() != 1 or not isinstance(unknown, torch.Tensor) or unknown in self.values:
+                continue
+            with _disable_current_modes():
+                distinct = values.unique().numel() == values.numel()
+            if distinct and values.numel() > 1 and unknown.shape[-1:] == (1,):
+                self.share[out] = 1.0 / values.numel()
+                return
+
+    def scalar(self, tensor: torch.Tensor) -> Any:
+        """The tensor's value when known, else None."""
+        values = self.values.get(tensor)
+        if values is None or values.numel() != 1:
+            return None
+        with _disable_current_modes():
+            return values.item()
+
+    def nonzero_rows(self, tensor: torch.Tensor) -> int | None:
+        """Rows of ``nonzero(tensor)`` when its share of non-zeros is known, else None."""
+        share = self.share.get(tensor)
+        return None if share is None else math.ceil(share * tensor.numel())
+
+    def learn_nonzero(self, tensor: torch.Tensor, out: torch.Tensor) -> None:
+        """``nonzero`` of a tensor whose elements are all non-zero: every index, in order."""
+        if self.share.get(tensor) == 1.0 and out.numel() <= KNOWN_NUMEL_LIMIT:
+            with _disable_current_modes():
+                self.values[out] = torch.ones(tensor.shape, dtype=torch.bool).nonzero()
+
+
+@dataclass(frozen=True)
+class _OpFacts:
+    packet: Any
+    source: bool  # its values depend on no tensor (arange, zeros, ...)
+    mutable: bool  # it writes into an argument
+    random: bool
+
+
+_FACTS: dict[Any, _OpFacts] = {}
+
+
+def _facts(func: Any) -> _OpFacts:
+    """What learning needs to know about an op, worked out once per op (a schema lookup is not free)."""
+    facts = _OpFacts(func.overloadpacket, func.overloadpacket in _SOURCES, func._schema.is_mutable,
+                     torch.Tag.nondeterministic_seeded in func.tags)
+    _FACTS[func] = facts
+    return facts
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors of an op's output or arguments (one level of lists and tuples)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [tensor for item in value for tensor in _tensors(item)]
+    return []
