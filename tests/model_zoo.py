@@ -26,9 +26,9 @@ KINDS = {
 
 # Config attributes made small wherever a config has them (names differ between model families).
 SMALL = {
-    "hidden_size": 64, "n_embd": 64, "d_model": 64, "embed_dim": 64, "dim": 64, "n_embed": 64,
+    "hidden_size": 64, "n_embd": 64, "d_model": 64, "embed_dim": 64, "dim": 64, "n_embed": 64, "embedding_dim": 64,
     "num_hidden_layers": 2, "n_layer": 2, "num_layers": 2, "n_layers": 2, "encoder_layers": 2,
-    "decoder_layers": 2, "num_decoder_layers": 2,
+    "decoder_layers": 2, "num_decoder_layers": 2, "num_blocks": 2,
     "num_attention_heads": 4, "n_head": 4, "num_heads": 4, "n_heads": 4, "encoder_attention_heads": 4,
     "decoder_attention_heads": 4,
     "num_key_value_heads": 2, "num_kv_heads": 2, "multi_query_group_num": 2,
@@ -42,7 +42,7 @@ SMALL = {
     "image_size": 64,
 }
 # The widths: what "layers only" leaves at the defaults.
-WIDTHS = {"hidden_size", "n_embd", "d_model", "embed_dim", "dim", "n_embed", "num_attention_heads", "n_head",
+WIDTHS = {"hidden_size", "n_embd", "d_model", "embed_dim", "dim", "n_embed", "embedding_dim", "num_attention_heads", "n_head",
           "num_heads", "n_heads", "encoder_attention_heads", "decoder_attention_heads", "num_key_value_heads",
           "num_kv_heads", "multi_query_group_num", "intermediate_size", "n_inner", "ffn_dim", "encoder_ffn_dim",
           "decoder_ffn_dim", "d_ff", "ffn_hidden_size", "image_size", "rotary_dim"}
