@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 FORMAT = 1  # bump when the entry's layout or the answer's meaning changes
-MAX_ENTRIES = 256  # least recently used entries beyond this are deleted
+MAX_ENTRIES = 64  # least recently used entries beyond this are deleted (an entry is about 1 MB)
 RACY_SECONDS = 2.0  # a file modified this close to the analysis may have changed after it was read
 # Settings that bound the analysis without changing a successful answer.
 _NOT_IN_KEY = ("timeout", "memory_limit", "config_path")
