@@ -39,6 +39,7 @@ def model_types(kinds: list[str]) -> list[tuple[str, str]]:
 def run_isolated(kind: str, model_type: str, args: argparse.Namespace) -> dict[str, Any]:
     command = [sys.executable, __file__, "--one", kind, model_type, "--batch", str(args.batch),
                "--sequence", str(args.sequence), "--precision", args.precision, "--mode", args.mode]
+
     def limit_memory() -> None:  # a default config too large to build fails in its process, not the machine
         limit = int(args.memory_limit * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

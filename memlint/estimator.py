@@ -87,6 +87,7 @@ class Estimator:
         self.optimizer_factory = optimizer_factory(workload.optimizer, workload.build_optimizer)
         self.loss = loss_factory(workload.loss_fn, workload.path)
         self.cublas_workspace = cublas_workspace_bytes(target.capability) if target.kind == "gpu" else 0
+        self.kernels = "cuda" if target.kind == "gpu" else "cpu"  # whose kernels the step follows (simulate.py)
         self.evaluations: dict[int, Evaluation] = {}
         self.simulated: dict[int, Ledger] = {}
         self.interpolable: dict[tuple[int, int], bool] = {}  # two simulated batch sizes: same_allocations?
@@ -99,12 +100,11 @@ class Estimator:
         return StepPlan(mode=w.mode, make_inputs=input_factory(batch_size, w.example_inputs, w.input_shape,
                                                              w.input_dtype, w.path, CAST.get(w.precision)),
                         loss_fn=self.loss, optimizer_factory=self.optimizer_factory,
-                        autocast_dtype=AUTOCAST.get(w.precision), kernels="cuda" if gpu else "cpu",
+                        autocast_dtype=AUTOCAST.get(w.precision), kernels=self.kernels,
                         kernel_scratch=cudnn_workspace_bytes if gpu else None, bool_answer=self.bool_answer)
 
     def trace(self) -> TraceResult:
-        scalars = ValueAssumingMode(Assumptions(), bool_answer=self.bool_answer,
-                                    kernels="cuda" if self.target.kind == "gpu" else "cpu")
+        scalars = ValueAssumingMode(Assumptions(), bool_answer=self.bool_answer, kernels=self.kernels)
         return _run_model_code(lambda: trace_model(self.model, self.plan(self.workload.batch_size).make_inputs,
                                                      self.fake_mode, self.sites, scalars), self.workload)
 

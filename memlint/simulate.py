@@ -188,7 +188,9 @@ class ValueAssumingMode(TorchDispatchMode):
     """Answers questions about values that fake tensors do not have, and records the assumption.
 
     ``.item()`` gets 1 (ints), 0.5 (floats) or ``bool_answer`` (bools, True unless a step that
-    assumed True failed: see ``Estimator._simulate``); ``nonzero``-like ops select every element. Without this, stochastic depth or a data-dependent mask would stop the analysis.
+    assumed True failed: see ``_traced_and_simulated`` in estimator.py); ``nonzero``-like ops select
+    every element. Values that are known anyway (memlint/values.py) are used instead. Without this,
+    stochastic depth or a data-dependent mask would stop the analysis.
     A loop that waits on a value would never end on a constant answer (``trunc_normal_`` redraws
     ``while mask.any()``): the same line of the same call asking ``LOOP_LIMIT`` times in a row
     gets False from then on, and that line gets False at once in later calls (a model that

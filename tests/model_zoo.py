@@ -42,8 +42,8 @@ SMALL = {
     "image_size": 64,
 }
 # The widths: what "layers only" leaves at the defaults.
-WIDTHS = {"hidden_size", "n_embd", "d_model", "embed_dim", "dim", "n_embed", "embedding_dim", "num_attention_heads", "n_head",
-          "num_heads", "n_heads", "encoder_attention_heads", "decoder_attention_heads", "num_key_value_heads",
+WIDTHS = {"hidden_size", "n_embd", "d_model", "embed_dim", "dim", "n_embed", "embedding_dim", "num_attention_heads",
+          "n_head", "num_heads", "n_heads", "encoder_attention_heads", "decoder_attention_heads", "num_key_value_heads",
           "num_kv_heads", "multi_query_group_num", "intermediate_size", "n_inner", "ffn_dim", "encoder_ffn_dim",
           "decoder_ffn_dim", "d_ff", "ffn_hidden_size", "image_size", "rotary_dim"}
 # Ways to make a config small, tried in order until the model builds and its real step runs: every
@@ -64,9 +64,9 @@ def small_config(model_type: str, shrink: str = "small") -> Any:
     for part in {id(c): c for c in parts if c is not None}.values():  # a text config may be the config itself
         heads, kv_heads = _attribute(part, "num_attention_heads"), _attribute(part, "num_key_value_heads")
         for name, value in SMALL.items():
-            current = _attribute(part, name)
             if shrink == "layers only" and name in WIDTHS:
                 continue
+            current = _attribute(part, name)
             if isinstance(current, int) and not isinstance(current, bool) and current > value:
                 _set(part, name, value)
         hidden, small_heads = _attribute(part, "hidden_size"), _attribute(part, "num_attention_heads")

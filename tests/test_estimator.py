@@ -17,6 +17,19 @@ def workload(build, batch=8, *, inputs=None, shape=None, dtype="float32", optimi
                     optimizer=optimizer, precision=precision, mode=mode)
 
 
+def estimated_and_real_on_host(model, batch: int, shape: tuple[int, ...], precision: str = "fp32"):
+    """memlint's report on a host target and the peak of real CPU steps of the same model (to the byte, as
+    a host runs the CPU's own kernels): random inputs of ``shape`` per sample, the output's mean as loss."""
+    from fuzzing import real_step_peak
+
+    report = analyse(workload(model, batch=batch, shape=shape, precision=precision), resolve_target("cpu:64GiB"), 1.0,
+                     find_max_batch=False)
+    measured = real_step_peak(model, lambda: ((torch.randn(batch, *shape),), {}),
+                              lambda output, _args, _kwargs: output.mean(),
+                              autocast_dtype=torch.bfloat16 if precision == "bf16-mixed" else None)
+    return report, measured
+
+
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 10))
 
@@ -161,12 +174,7 @@ class NormalisedTokens(nn.Module):
 @pytest.mark.parametrize("model, shape", [(NormalisedConvNet, (3, 8, 8)), (NormalisedTokens, (128, 16))])
 def test_a_host_target_runs_the_cpus_autocast_policy(model, shape):
     """bf16-mixed on a CPU target is torch.autocast("cpu"): the estimate equals a real CPU step's peak."""
-    from fuzzing import real_step_peak
-
-    report = analyse(workload(model, batch=16, shape=shape, precision="bf16-mixed"),
-                     resolve_target("cpu:64GiB"), 1.0, find_max_batch=False)
-    measured = real_step_peak(model, lambda: ((torch.randn(16, *shape),), {}),
-                              lambda output, _args, _kwargs: output.mean(), autocast_dtype=torch.bfloat16)
+    report, measured = estimated_and_real_on_host(model, 16, shape, precision="bf16-mixed")
     assert report.peak_allocated_bytes == measured
 
 
@@ -350,12 +358,7 @@ class WidthFromTensorArithmetic(nn.Module):
 
 
 def test_a_value_computed_from_python_numbers_is_not_assumed():
-    from fuzzing import real_step_peak
-
-    report = analyse(workload(WidthFromTensorArithmetic, batch=32, shape=(64,)), resolve_target("cpu:64GiB"), 1.0,
-                     find_max_batch=False)
-    measured = real_step_peak(WidthFromTensorArithmetic, lambda: ((torch.randn(32, 64),), {}),
-                              lambda output, _args, _kwargs: output.mean())
+    report, measured = estimated_and_real_on_host(WidthFromTensorArithmetic, 32, (64,))
     assert report.peak_allocated_bytes == measured
     assert not any(".item()" in note for note in report.assumptions)
 
@@ -374,12 +377,7 @@ class BranchOnRareValues(nn.Module):
 
 
 def test_a_branch_that_fails_when_assumed_taken_is_assumed_not_taken():
-    from fuzzing import real_step_peak
-
-    report = analyse(workload(BranchOnRareValues, batch=8, shape=(64,)), resolve_target("cpu:64GiB"), 1.0,
-                     find_max_batch=False)
-    measured = real_step_peak(BranchOnRareValues, lambda: ((torch.randn(8, 64),), {}),
-                              lambda output, _args, _kwargs: output.mean())
+    report, measured = estimated_and_real_on_host(BranchOnRareValues, 8, (64,))
     assert report.peak_allocated_bytes == measured
     assert any("bool tensor: assumed False" in note for note in report.assumptions)
 
@@ -410,12 +408,7 @@ class LoopedExperts(nn.Module):
 def test_a_loop_over_experts_gives_each_expert_its_share_of_the_tokens():
     """nonzero of a one-hot routing mask: tokens x top-k / experts rows each (memlint/values.py), not every
     token for every expert (the bound, +400% here); the expert indices are computed, not assumed."""
-    from fuzzing import real_step_peak
-
-    report = analyse(workload(LoopedExperts, batch=8, shape=(128, 16)), resolve_target("cpu:64GiB"), 1.0,
-                     find_max_batch=False)
-    measured = real_step_peak(LoopedExperts, lambda: ((torch.randn(8, 128, 16),), {}),
-                              lambda output, _args, _kwargs: output.mean())
+    report, measured = estimated_and_real_on_host(LoopedExperts, 8, (128, 16))
     assert abs(report.peak_allocated_bytes - measured) / measured < 0.005
     assert any("one-hot selection" in note for note in report.assumptions)
     assert not any(".item()" in note for note in report.assumptions)
@@ -434,11 +427,6 @@ class SizedByKnownValues(nn.Module):
 
 
 def test_a_value_computed_from_known_values_is_not_assumed():
-    from fuzzing import real_step_peak
-
-    report = analyse(workload(SizedByKnownValues, batch=64, shape=(32,)), resolve_target("cpu:64GiB"), 1.0,
-                     find_max_batch=False)
-    measured = real_step_peak(SizedByKnownValues, lambda: ((torch.randn(64, 32),), {}),
-                              lambda output, _args, _kwargs: output.mean())
+    report, measured = estimated_and_real_on_host(SizedByKnownValues, 64, (32,))
     assert report.peak_allocated_bytes == measured
     assert not any(".item()" in note for note in report.assumptions)
