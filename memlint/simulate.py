@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 import torch
+from torch._subclasses import fake_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -65,6 +66,12 @@ def _sizes_that_split(tensor: torch.Tensor, sizes: list[int], dim: int = 0) -> t
         sizes = [base + (i < extra) for i in range(len(sizes))]
     return tensor, sizes, dim
 
+
+# Questions about a fake tensor's metadata (its device, sizes, strides), which C++ code asks through the
+# dispatcher: half of the ops a step dispatches (2,468 of 4,229 in ResNet-50's). FakeTensorMode answers
+# them from these handlers before anything else; answering them here as well spares them the modes
+# below, which neither allocate nor count anything for them. Without the table, they go down as any op.
+_METADATA_QUERIES = getattr(fake_tensor, "_DISPATCH_META_HANDLERS", {})
 
 # Ops whose meta kernel refuses inputs that the real kernels take: the output as the kernels make it.
 _PERMISSIVE_OPS = {aten._grouped_mm.default: _grouped_mm_any_dtype}
@@ -214,8 +221,11 @@ class ValueAssumingMode(TorchDispatchMode):
         self.assumptions.add(f"{self.where}: {text}" if self.where else text)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        metadata = _METADATA_QUERIES.get(func)
+        if metadata is not None and isinstance(args[0], fake_tensor.FakeTensor):
+            return metadata(args)
         kwargs = kwargs or {}
-        if func is aten._local_scalar_dense.default:
+        if func is aten._local_scalar_dense.default or func is aten.item.default:  # item: spared its decomposition
             return self._assumed_scalar(args[0])
         if func is aten.split_with_sizes.default and self._assumed_an_int:
             split = _sizes_that_split(*args)

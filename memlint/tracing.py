@@ -55,9 +55,14 @@ def _shapes(value: Any) -> tuple[list[list[int]], list[str]]:
 
 
 def trace_model(model: torch.nn.Module, make_inputs: Callable[[], tuple[tuple, dict]], fake_mode: Any,
-                sites: dict[str, str], scalar_mode: Any) -> TraceResult:
-    """Trace with symbolic_trace, falling back to make_fx; ``scalar_mode`` answers ``.item()``."""
-    model.eval()
+                sites: dict[str, str], scalar_mode: Any, training: bool) -> TraceResult:
+    """Trace with symbolic_trace, falling back to make_fx; ``scalar_mode`` answers ``.item()``.
+
+    The model is traced in the mode the step runs in (``training``): the graph is then the one the
+    step runs (an Inception's auxiliary head runs in training only), and the fake tensor cache holds
+    the trace's ops for the simulation (batch norm's meta kernel costs 10 ms a call the first time).
+    """
+    model.train(training)
     with fake_mode:
         args, kwargs = make_inputs()
     try:
