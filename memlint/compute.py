@@ -29,6 +29,8 @@ from torch.autograd.graph import register_multi_grad_hook
 from torch.utils.flop_counter import FlopCounterMode, _FlopCounterMode
 from torch.utils.module_tracker import ModuleTracker
 
+from memlint.simulate import storage_holders
+
 if TYPE_CHECKING:
     from memlint.report import ModelReport
     from memlint.simulate import SimulationResult
@@ -68,6 +70,10 @@ def _tensor_bytes(values: Any) -> int:
     """Bytes of the tensors in ``values``; an expanded (non-contiguous) tensor counts its storage at most."""
     total = 0
     for value in _collect(values, []):
+        holders = storage_holders(value)
+        if len(holders) > 1:  # a sparse tensor moves its indices and values
+            total += _tensor_bytes(holders)
+            continue
         nbytes = value.numel() * value.element_size()
         if nbytes and not value.is_contiguous():
             nbytes = min(nbytes, value.untyped_storage().nbytes())

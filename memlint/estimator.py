@@ -109,16 +109,19 @@ class Estimator:
                                                      self.fake_mode, self.sites, scalars,
                                                      training=self.workload.mode == "train"), self.workload)
 
-    def simulate(self, batch_size: int, extra_modes: tuple[Any, ...] = (), iterations: int | None = None
-                 ) -> SimulationResult:
+    def simulate(self, batch_size: int, extra_modes: tuple[Any, ...] = (), iterations: int | None = None,
+                 optimizer_step: bool = True) -> SimulationResult:
         # Through the ScalePlan: block checkpointing, strategy markers, one device's ledger; then
         # the library memory the GPU allocates beside the step.
-        result = self.scale.simulate(lambda modes: self._simulate(batch_size, modes, iterations), extra_modes)
+        result = self.scale.simulate(lambda modes: self._simulate(batch_size, modes, iterations, optimizer_step),
+                                     extra_modes)
         add_cublas_workspaces(result.ledger, self.cublas_workspace)
         return result
 
-    def _simulate(self, batch_size: int, extra_modes: tuple[Any, ...], iterations: int | None) -> SimulationResult:
+    def _simulate(self, batch_size: int, extra_modes: tuple[Any, ...], iterations: int | None,
+                  optimizer_step: bool) -> SimulationResult:
         plan = self.plan(batch_size)
+        plan.optimizer_step = optimizer_step
         if iterations is not None:
             plan.iterations = iterations
         # The CUDA kernels' stand-ins on a GPU; on a host, the fake CPU tensors run the CPU's own kernels.
@@ -190,7 +193,7 @@ class Estimator:
         step = self.simulated.get(self.workload.batch_size)
         if step is None or len(step.iteration_marks) < 2 or self.scale.strategy is not None:
             return None
-        return from_first_iteration(step, self.simulate(batch_size, iterations=1).ledger)
+        return from_first_iteration(step, self.simulate(batch_size, iterations=1, optimizer_step=False).ledger)
 
     def max_batch_size(self) -> int | None:
         """The largest batch that runs, found the way it is measured: doubling from 1, then bisection.

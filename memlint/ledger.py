@@ -12,6 +12,8 @@ from typing import Callable
 from memlint.report import TimelinePoint
 
 ALLOC, FREE, OP = 0, 1, 2
+# The OP event where an iteration's optimizer step begins (``Ledger.mark_step``).
+STEP_BEGINS = "optimizer/step"
 
 # Roles a storage can play; `temporaries` is the default until something better is known;
 # `workspace` is library memory the GPU allocates beside the step (memlint/library_memory.py).
@@ -69,6 +71,10 @@ class Ledger:
 
     def mark_op(self, name: str, phase: str) -> None:
         self.events.append((OP, -1, f"{phase}/{name}"))
+
+    def mark_step(self) -> None:
+        """Mark where the optimizer step begins: what it allocates depends on the parameters, not the batch."""
+        self.events.append((OP, -1, STEP_BEGINS))
 
     def mark_iteration(self) -> None:
         self.iteration_marks.append(len(self.events))
@@ -199,12 +205,17 @@ def from_first_iteration(full: Ledger, probe: Ledger) -> Ledger | None:
     allocated in the same order) and add an optimizer step on parameter-shaped storages, which
     the batch size does not change. Where ``full`` shows exactly that, and the probe allocates
     what ``full``'s first iteration allocates, every size at the probe's batch size is known
-    from the probe: a simulation of one iteration stands in for one of all of them. Returns
-    None otherwise (then simulate them all).
+    from the probe: a simulation of one iteration stands in for one of all of them. A probe that
+    ended before its optimizer step (``StepPlan.optimizer_step``) is matched with ``full``'s first
+    iteration up to that step, whose sizes are then ``full``'s. Returns None otherwise (then
+    simulate them all).
     """
     if len(full.iteration_marks) < 2 or len(probe.iteration_marks) != 1:
         return None
     first_end = full.iteration_marks[1]
+    if _ended_before_step(probe):
+        first_end = next((index for index in range(full.iteration_marks[0], first_end)
+                          if full.events[index] == (OP, -1, STEP_BEGINS)), first_end)
     sizes = _aligned_sizes(full, full.events[:first_end], probe, probe.events)
     if sizes is None or any(sizes[sid] != full.storages[sid].nbytes for sid in sizes
                             if full.storages[sid].phase == "optimizer"):
@@ -220,6 +231,12 @@ def from_first_iteration(full: Ledger, probe: Ledger) -> Ledger | None:
         sizes.update({b: sizes[a] for a, b in zip(first, later)})
     return Ledger(storages=[info.resized(sizes.get(sid, info.nbytes)) for sid, info in enumerate(full.storages)],
                   events=full.events, iteration_marks=full.iteration_marks)
+
+
+def _ended_before_step(probe: Ledger) -> bool:
+    """Whether the probe's optimizer step allocated nothing: it did not run, or it works in place."""
+    begins = next((index for index, event in enumerate(probe.events) if event == (OP, -1, STEP_BEGINS)), None)
+    return begins is not None and all(kind != ALLOC for kind, _, _ in probe.events[begins:])
 
 
 def _aligned_sizes(full: Ledger, full_events: list[tuple[int, int, str]], probe: Ledger,

@@ -73,6 +73,17 @@ def _sizes_that_split(tensor: torch.Tensor, sizes: list[int], dim: int = 0) -> t
 # below, which neither allocate nor count anything for them. Without the table, they go down as any op.
 _METADATA_QUERIES = getattr(fake_tensor, "_DISPATCH_META_HANDLERS", {})
 
+def _sparse_clone(tensor: torch.Tensor, memory_format: Any = None) -> torch.Tensor:
+    """``clone`` of a sparse COO tensor that copies its elements, as the kernels do; its meta kernel keeps none.
+
+    Autograd clones a sparse gradient (``nn.Embedding(sparse=True)``) into ``.grad``, SGD into its
+    momentum: with no elements, both would hold no memory.
+    """
+    return aten._sparse_coo_tensor_with_dims_and_tensors.default(
+        tensor.sparse_dim(), tensor.dense_dim(), tensor.shape, tensor._indices().clone(), tensor._values().clone(),
+        dtype=tensor.dtype, layout=torch.sparse_coo, device=tensor.device, is_coalesced=tensor.is_coalesced())
+
+
 # Ops whose meta kernel refuses inputs that the real kernels take: the output as the kernels make it.
 _PERMISSIVE_OPS = {aten._grouped_mm.default: _grouped_mm_any_dtype}
 
@@ -118,6 +129,23 @@ class Assumptions:
         return [f"{note} ({count}x)" if count > 1 else note for note, count in self.notes.items()]
 
 
+# The strided tensors that hold a sparse tensor's memory (its indices and values), by layout.
+_SPARSE_PARTS: dict[torch.layout, Callable[[torch.Tensor], tuple[torch.Tensor, ...]]] = {
+    torch.sparse_coo: lambda t: (t._indices(), t._values()),
+    torch.sparse_csr: lambda t: (t.crow_indices(), t.col_indices(), t.values()),
+    torch.sparse_bsr: lambda t: (t.crow_indices(), t.col_indices(), t.values()),
+    torch.sparse_csc: lambda t: (t.ccol_indices(), t.row_indices(), t.values()),
+    torch.sparse_bsc: lambda t: (t.ccol_indices(), t.row_indices(), t.values()),
+}
+
+
+def storage_holders(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensor itself, or a sparse tensor's parts: a sparse gradient (``nn.Embedding(sparse=True)``)
+    has no storage of its own."""
+    parts = _SPARSE_PARTS.get(tensor.layout)
+    return parts(tensor) if parts is not None else (tensor,)
+
+
 class StorageTracker:
     """Maps live storages to ledger ids and knows which module and phase we are in."""
 
@@ -132,9 +160,13 @@ class StorageTracker:
         return self.module_stack[-1] if self.module_stack else None
 
     def sid(self, tensor: torch.Tensor) -> int | None:
-        return self.sid_of.get(tensor.untyped_storage()._cdata)
+        return self.sid_of.get(storage_holders(tensor)[-1].untyped_storage()._cdata)
 
     def track(self, tensor: torch.Tensor, role: str = "temporaries", module: str | None = None) -> int | None:
+        """The ledger id of the tensor's storage, allocated when first seen (a sparse tensor's: its values')."""
+        holders = storage_holders(tensor)
+        if len(holders) > 1:
+            return [self.track(holder, role, module) for holder in holders][-1]
         storage = tensor.untyped_storage()
         key = storage._cdata
         known = self.sid_of.get(key)
@@ -159,14 +191,15 @@ class StorageTracker:
 
     def retag(self, tensor: torch.Tensor, role: str, only_from: tuple[str, ...] = ("temporaries",),
               module: str | None = None) -> None:
-        sid = self.track(tensor)
-        if sid is None:
-            return
-        info = self.ledger.storages[sid]
-        if info.role in only_from:
-            info.role = role
-            if module is not None:
-                info.module = module
+        for holder in storage_holders(tensor):
+            sid = self.track(holder)
+            if sid is None:
+                continue
+            info = self.ledger.storages[sid]
+            if info.role in only_from:
+                info.role = role
+                if module is not None:
+                    info.module = module
 
 
 _MASK_INDEX: dict[Any, int | None] = {}
@@ -243,6 +276,8 @@ class ValueAssumingMode(TorchDispatchMode):
             out = _DYNAMIC_SHAPE_OPS[func](*args, **kwargs)
         elif func in _PERMISSIVE_OPS:
             out = _PERMISSIVE_OPS[func](*args, **kwargs)
+        elif func is aten.clone.default and args[0].layout == torch.sparse_coo:
+            out = _sparse_clone(*args, **kwargs)
         else:
             out = _outputs_as_kernels_make_them(func, args, func(*args, **kwargs), self.kernels)
             self.knowledge.learn(func, args, kwargs, out)
@@ -364,6 +399,10 @@ class StepPlan:
     autocast_dtype: torch.dtype | None = None
     kernels: str = "cuda"  # whose kernels and autocast policy: a GPU target's ("cuda") or a host's ("cpu")
     iterations: int = 3  # as a real loop: step 1 creates the optimizer state, steps 2-3 run with it
+    # False: an iteration ends before its optimizer step, unless a gradient is sparse. A probe of
+    # what the batch size changes needs no step (ledger.from_first_iteration), and it is a third
+    # of a ResNet-50 iteration (Adam makes and updates its state tensor by tensor).
+    optimizer_step: bool = True
     kernel_scratch: Callable[[Any, tuple, Any], int] | None = None  # see AllocationRecorder
     bool_answer: bool = True  # what a bool read from a fake tensor is assumed to be (ValueAssumingMode)
 
@@ -476,7 +515,8 @@ def _one_iteration(model: torch.nn.Module, plan: StepPlan, tracker: StorageTrack
     loss.backward()
     del loss
     tracker.phase = "optimizer"
-    if optimizer is not None:
+    tracker.ledger.mark_step()
+    if optimizer is not None and (plan.optimizer_step or _sparse_gradients(optimizer)):
         optimizer.step()
         for state in optimizer.state.values():
             for value in state.values():
@@ -487,6 +527,12 @@ def _one_iteration(model: torch.nn.Module, plan: StepPlan, tracker: StorageTrack
         model.zero_grad(set_to_none=True)
     tracker.phase = "idle"
     return None
+
+
+def _sparse_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a gradient is sparse (``nn.Embedding(sparse=True)``): its step's memory depends on the batch."""
+    return any(p.grad is not None and p.grad.layout != torch.strided
+               for group in optimizer.param_groups for p in group["params"])
 
 
 def _saves_its_own_output(tensor: torch.Tensor) -> bool:

@@ -307,6 +307,10 @@ class RealStorageTracker(TorchDispatchMode):
         self.peak = 0
 
     def track(self, tensor: torch.Tensor) -> None:
+        if tensor.layout == torch.sparse_coo:  # a sparse tensor's memory is its indices' and its values'
+            self.track(tensor._indices())
+            self.track(tensor._values())
+            return
         storage = tensor.untyped_storage()
         key = storage._cdata
         if key in self.live or storage.nbytes() == 0:
@@ -338,13 +342,14 @@ def measure_real_step(build: Any, input_shape: tuple[int, ...], batch: int, iter
 
 
 def real_step_peak(build: Any, make_inputs: Any, loss_fn: Any, iterations: int = 3, seed: int = 0,
-                   autocast_dtype: torch.dtype | None = None, train: bool = True) -> int:
+                   autocast_dtype: torch.dtype | None = None, train: bool = True, optimizer_factory: Any = None) -> int:
     """Peak live bytes of ``iterations`` real steps, as memlint simulates them (see the module docstring).
 
     ``make_inputs()`` gives a step's ``(args, kwargs)`` and ``loss_fn(output, args, kwargs)`` its loss;
     neither the output nor the inputs are held across backward. With ``autocast_dtype`` the forward
     and the loss run under the CPU's autocast (a mixed-precision step on a host). Not ``train``: one
-    forward in eval mode without autograd, as ``--mode infer``.
+    forward in eval mode without autograd, as ``--mode infer``. The optimizer is Adam unless
+    ``optimizer_factory(params)`` makes another.
     """
     torch.manual_seed(seed)
     model = build()
@@ -362,7 +367,8 @@ def real_step_peak(build: Any, make_inputs: Any, loss_fn: Any, iterations: int =
             with torch.no_grad(), autocast():
                 model(*args, **kwargs)
         return tracker.peak
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, foreach=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = optimizer_factory(params) if optimizer_factory else torch.optim.Adam(params, lr=1e-4, foreach=True)
     with tracker:
         for _ in range(iterations):
             args, kwargs = make_inputs()

@@ -293,8 +293,40 @@ def allocations(ledger) -> tuple:
     return [event for event in ledger.events if event[0] != OP], ledger.storages, ledger.iteration_marks
 
 
+class SparseEmbedding(nn.Module):
+    """A recommender's embedding with sparse gradients: a gradient is a sparse tensor (indices and values)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(5000, 64, sparse=True)
+        self.head = nn.Linear(64, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embedding(ids).mean(1))
+
+
+def token_ids(batch: int) -> torch.Tensor:
+    return torch.randint(0, 5000, (batch, 20))
+
+
+@pytest.mark.parametrize("optimizer, momentum", [("sgd", 0.0), ("sgd-momentum", 0.9)])
+def test_sparse_gradients_are_estimated_as_a_real_step_holds_them(optimizer, momentum):
+    """A sparse gradient has no storage of its own, and fake tensors clone it empty: memlint had refused it."""
+    from fuzzing import real_step_peak
+
+    report = analyse(workload(SparseEmbedding, 32, inputs=token_ids, optimizer=optimizer),
+                     resolve_target("cpu:64GiB"), 1.0, find_max_batch=False)
+    measured = real_step_peak(SparseEmbedding, lambda: ((token_ids(32),), {}),
+                              lambda output, _args, _kwargs: output.mean(),
+                              optimizer_factory=lambda params: torch.optim.SGD(params, lr=1e-3, momentum=momentum,
+                                                                               foreach=True))
+    assert report.breakdown["gradients"] >= round_size(32 * 20 * 64 * 4)  # the values: a row per id looked up
+    assert report.peak_allocated_bytes == measured
+
+
 @pytest.mark.parametrize("build, options", [
     (NormalisedDataDependent, dict(shape=(64,))),
+    (SparseEmbedding, dict(inputs=token_ids, optimizer="sgd")),
     (small_cnn, dict(shape=(3, 16, 16), precision="bf16-mixed", optimizer="sgd-momentum")),
     (tiny_gpt2, dict(inputs=lambda b: torch.randint(0, 500, (b, 64)))),
 ])
