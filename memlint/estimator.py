@@ -106,8 +106,7 @@ class Estimator:
     def trace(self) -> TraceResult:
         scalars = ValueAssumingMode(Assumptions(), bool_answer=self.bool_answer, kernels=self.kernels)
         return _run_model_code(lambda: trace_model(self.model, self.plan(self.workload.batch_size).make_inputs,
-                                                     self.fake_mode, self.sites, scalars,
-                                                     training=self.workload.mode == "train"), self.workload)
+                                                     self.fake_mode, self.sites, scalars), self.workload)
 
     def simulate(self, batch_size: int, extra_modes: tuple[Any, ...] = (), iterations: int | None = None,
                  optimizer_step: bool = True) -> SimulationResult:

@@ -55,14 +55,13 @@ def _shapes(value: Any) -> tuple[list[list[int]], list[str]]:
 
 
 def trace_model(model: torch.nn.Module, make_inputs: Callable[[], tuple[tuple, dict]], fake_mode: Any,
-                sites: dict[str, str], scalar_mode: Any, training: bool) -> TraceResult:
+                sites: dict[str, str], scalar_mode: Any) -> TraceResult:
     """Trace with symbolic_trace, falling back to make_fx; ``scalar_mode`` answers ``.item()``.
 
-    The model is traced in the mode the step runs in (``training``): the graph is then the one the
-    step runs (an Inception's auxiliary head runs in training only), and the fake tensor cache holds
-    the trace's ops for the simulation (batch norm's meta kernel costs 10 ms a call the first time).
+    In eval mode: a forward in training mode changes a model's state (I-BERT's quantisers replace
+    their min/max buffers), and the simulated step must find the model as the user built it.
     """
-    model.train(training)
+    model.eval()
     with fake_mode:
         args, kwargs = make_inputs()
     try:

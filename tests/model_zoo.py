@@ -81,7 +81,19 @@ def small_config(model_type: str, shrink: str = "small") -> Any:
             if isinstance(value, int) and vocab and value >= vocab:  # ids inside the small vocabulary
                 _set(part, token, vocab - 1 - len(token) % 3)
         _keep_each_layer_type(part)
+        _stage_sizes_follow_stages(part)
     return config
+
+
+def _stage_sizes_follow_stages(part: Any) -> None:
+    """Per-stage lists as long as the stages left (ConvNeXt's ``num_stages`` is its ``num_hidden_layers``)."""
+    stages = _attribute(part, "num_stages")
+    if not isinstance(stages, int):
+        return
+    for name in ("hidden_sizes", "depths"):
+        sizes = _attribute(part, name)
+        if isinstance(sizes, (list, tuple)) and len(sizes) > stages:
+            _set(part, name, type(sizes)(sizes[:stages]))
 
 
 def _attribute(part: Any, name: str) -> Any:
@@ -142,7 +154,9 @@ def measure_one(kind: str, model_type: str, batch: int, sequence: int, precision
     from memlint.targets import resolve_target
 
     class_name = getattr(modeling_auto, KINDS[kind])[model_type]
-    model_class = getattr(transformers, class_name) if isinstance(class_name, str) else None
+    if isinstance(class_name, (tuple, list)):  # several heads for one model type (DeiT's with a teacher): the first
+        class_name = class_name[0]
+    model_class = getattr(transformers, class_name, None)
     if model_class is None:
         return {"status": "skipped", "why": f"no model class {class_name!r} in this transformers"}
     loss = loss_factory(None, model_type)
