@@ -73,6 +73,7 @@ def _sizes_that_split(tensor: torch.Tensor, sizes: list[int], dim: int = 0) -> t
 # below, which neither allocate nor count anything for them. Without the table, they go down as any op.
 _METADATA_QUERIES = getattr(fake_tensor, "_DISPATCH_META_HANDLERS", {})
 
+
 def _sparse_clone(tensor: torch.Tensor, memory_format: Any = None) -> torch.Tensor:
     """``clone`` of a sparse COO tensor that copies its elements, as the kernels do; its meta kernel keeps none.
 

@@ -65,7 +65,7 @@ def _expression(draw: Any, depth: int = 0) -> str:
         f"DataLoader({name}, {literal})", f"DataLoader(batch_size={literal})", f"nn.Linear({literal}, {literal})",
         f"{name}[{literal}]", f"{name}.{name}", f"lambda {name}: {name}", f"{name}({literal}, k={literal})",
         f"float({name}.sum())", f"{name}.cpu().numpy()", f"print({name}.item())", f"[{name} for {name} in {name}]",
-        f"torch.cuda.synchronize()", f"{name} if {name} else {literal}", f"(yield {name})", f"await {name}",
+        "torch.cuda.synchronize()", f"{name} if {name} else {literal}", f"(yield {name})", f"await {name}",
         f"{name}.register_buffer('b', torch.ones({literal}))", f"torch.arange({literal})",
     ]
     if depth < 2:
@@ -80,7 +80,7 @@ def _statement(draw: Any, depth: int = 0) -> list[str]:
     name, expression = draw(_NAMES), draw(_expression())
     simple = [f"{name} = {expression}", expression, f"self.{name} = {expression}", f"{name} += {expression}",
               f"return {expression}", "pass", "break", "continue", f"import {name}", f"from torch import {name}",
-              f"from torch.utils.data import DataLoader", f"del {name}", f"global {name}", f"assert {expression}",
+              "from torch.utils.data import DataLoader", f"del {name}", f"global {name}", f"assert {expression}",
               f"{name}: int = {expression}", f"raise {expression}", "import torch", "from torch import nn"]
     if depth >= 3 or draw(st.integers(0, 3)) > 0:
         return [draw(st.sampled_from(simple))]
@@ -89,7 +89,7 @@ def _statement(draw: Any, depth: int = 0) -> list[str]:
     header = draw(st.sampled_from([
         f"def {name}(self, {draw(_NAMES)}):", "def forward(self, x):", f"for {name} in {expression}:",
         f"while {expression}:", f"if {expression}:", f"with {expression} as {name}:", "try:",
-        f"class {name.capitalize() or 'C'}(nn.Module):", f"class Net(torch.nn.Module):", "def __init__(self):",
+        f"class {name.capitalize() or 'C'}(nn.Module):", "class Net(torch.nn.Module):", "def __init__(self):",
         f"async def {name}():", "else:", f"match {name}:", "@torch.no_grad()"]))
     if header == "try:":
         return [header, *indented, "except Exception:", "    pass"]
