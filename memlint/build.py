@@ -118,13 +118,14 @@ class _FakeMode(FakeTensorMode):
         for value in (*args, *(kwargs or {}).values()):
             if isinstance(value, (list, tuple)):
                 lengths.add(len(value))
-                if not all(isinstance(t, FakeTensor) and t.fake_mode is self and t.constant is None
-                           for t in value if isinstance(t, torch.Tensor)):
-                    return False
-            elif isinstance(value, torch.Tensor) and not (isinstance(value, FakeTensor) and value.fake_mode is self
-                                                          and value.constant is None):
+            tensors = value if isinstance(value, (list, tuple)) else (value,)
+            if not all(self._own_without_value(t) for t in tensors if isinstance(t, torch.Tensor)):
                 return False
         return len(lengths) == 1
+
+    def _own_without_value(self, tensor: torch.Tensor) -> bool:
+        """One of this mode's fake tensors that keeps no value (a constant an update would invalidate)."""
+        return isinstance(tensor, FakeTensor) and tensor.fake_mode is self and tensor.constant is None
 
 
 _IN_PLACE_FOREACH: dict[Any, bool] = {}

@@ -214,8 +214,7 @@ def from_first_iteration(full: Ledger, probe: Ledger) -> Ledger | None:
         return None
     first_end = full.iteration_marks[1]
     if _ended_before_step(probe):
-        first_end = next((index for index in range(full.iteration_marks[0], first_end)
-                          if full.events[index] == (OP, -1, STEP_BEGINS)), first_end)
+        first_end = _step_begins(full, full.iteration_marks[0], first_end) or first_end
     sizes = _aligned_sizes(full, full.events[:first_end], probe, probe.events)
     if sizes is None or any(sizes[sid] != full.storages[sid].nbytes for sid in sizes
                             if full.storages[sid].phase == "optimizer"):
@@ -233,9 +232,14 @@ def from_first_iteration(full: Ledger, probe: Ledger) -> Ledger | None:
                   events=full.events, iteration_marks=full.iteration_marks)
 
 
+def _step_begins(ledger: Ledger, start: int, end: int) -> int | None:
+    """The index of the first optimizer step's mark among ``ledger.events[start:end]``, or None."""
+    return next((index for index in range(start, end) if ledger.events[index] == (OP, -1, STEP_BEGINS)), None)
+
+
 def _ended_before_step(probe: Ledger) -> bool:
     """Whether the probe's optimizer step allocated nothing: it did not run, or it works in place."""
-    begins = next((index for index, event in enumerate(probe.events) if event == (OP, -1, STEP_BEGINS)), None)
+    begins = _step_begins(probe, 0, len(probe.events))
     return begins is not None and all(kind != ALLOC for kind, _, _ in probe.events[begins:])
 
 
