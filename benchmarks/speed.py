@@ -12,7 +12,8 @@ intermediate 11008, vocabulary 32000) at batch 1, sequence 2048, each measured i
 * the same command again, the model unchanged: what a pre-commit hook costs on a commit that does
   not touch the model (answered from ``memlint.cache``, without importing torch);
 * memlint's analysis alone (``analyse()`` with the largest-batch search, and without it), timed
-  after the imports, in a process that has imported torch and memlint already;
+  after the imports, in a process that has imported torch and memlint already: the first analysis
+  of the process, as a check runs it (its caches cold), then the same again (warm);
 * torchinfo's ``summary()`` of the same model (a real forward on the CPU, imports included);
   "n/a" for the 7B, whose fp32 weights alone would allocate 27 GB;
 * PyTorch's MemTracker on fake tensors (``torch.distributed._tools.mem_tracker``), the same three
@@ -144,14 +145,16 @@ print(json.dumps({"code": code, "rss": max(self.ru_maxrss, children.ru_maxrss) *
 
 ANALYSE = '''
 import importlib.util, json, resource, sys, time
-path, batch, profile = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+path, batch, what = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 import torch
 spec = importlib.util.spec_from_file_location("model_under_test", path)
 module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)  # imports torchvision/transformers
 from memlint.estimator import Workload, analyse
 from memlint.targets import resolve_target
-from memlint.build import new_fake_mode
+from memlint.fakemode import new_fake_mode
+from memlint.worker import settle_imports
 new_fake_mode()
+settle_imports()  # as the analysis process does after its imports
 def run(find_max_batch):
     workload = Workload(name="model", path=path, line=1, build=module.build_model, example_inputs=module.example_inputs,
                         loss_fn=None, build_optimizer=None, batch_size=batch, input_shape=None, input_dtype="float32",
@@ -160,7 +163,7 @@ def run(find_max_batch):
     report = analyse(workload, resolve_target("h100-80gb"), 0.8, find_max_batch=find_max_batch)
     return time.perf_counter() - wall, time.process_time() - cpu, report
 result = {}
-if profile:
+if what == "profile":
     import cProfile, pstats
     profiler = cProfile.Profile()
     profiler.enable()
@@ -169,11 +172,10 @@ if profile:
     stats = pstats.Stats(profiler, stream=sys.stderr)
     stats.sort_stats("cumulative").print_stats(r"memlint", 30)
     stats.sort_stats("tottime").print_stats(25)
-else:
-    wall, cpu, report = run(False)
-    result.update(no_search_wall=wall, no_search_cpu=cpu)
-    wall, cpu, report = run(True)
+else:  # the first analysis of the process (as a check runs it), then the same again on warm caches
+    wall, cpu, report = run(what == "search")
     result.update(wall=wall, cpu=cpu, max_batch=report.max_batch_size, peak=report.peak_device_bytes)
+    result["warm_wall"] = run(what == "search")[0]
 result["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps(result))
 '''
@@ -300,7 +302,8 @@ def main() -> int:
     os.environ.pop("MEMLINT_NO_CACHE", None)
     paths = write_models(folder)
     if args.profile:
-        done = subprocess.run([PYTHON, "-c", ANALYSE, str(paths["resnet50"]), "64", "1"], capture_output=True, text=True)
+        done = subprocess.run([PYTHON, "-c", ANALYSE, str(paths["resnet50"]), "64", "profile"], capture_output=True,
+                              text=True)
         print(done.stderr[-20000:])
         return 0
 
@@ -317,7 +320,8 @@ def main() -> int:
         unchanged = measure(command)
         if unchanged["started_a_child"] or unchanged["torch_imported"]:
             raise RuntimeError(f"{name}: the second check was not answered from the cache")
-        analysis = measure([PYTHON, "-c", ANALYSE, path, str(batch), "0"])
+        analysis = measure([PYTHON, "-c", ANALYSE, path, str(batch), "search"])
+        analysis["no_search_wall"] = measure([PYTHON, "-c", ANALYSE, path, str(batch), "no-search"])["wall"]
         torchinfo = memtracker = None
         if not args.no_peers:
             if name != "llama-7b":
@@ -328,9 +332,11 @@ def main() -> int:
                           for label, result in (("torchinfo", torchinfo), ("MemTracker", memtracker)))
         print(f"{name}: memlint check {check['command_wall']:.1f} s wall, {check['command_cpu']:.1f} s CPU, "
               f"{gb(check['rss'])}; analysis {analysis['wall']:.2f} s ({analysis['no_search_wall']:.2f} s without "
-              f"the largest-batch search); unchanged {unchanged['command_wall']:.2f} s; {peers}", file=sys.stderr)
+              f"the largest-batch search; {analysis['warm_wall']:.2f} s again in the same process); "
+              f"unchanged {unchanged['command_wall']:.2f} s; {peers}", file=sys.stderr)
 
-    header = ["model", "batch", "memlint check: wall / CPU / peak RSS", "analysis, imports excluded (no search)",
+    header = ["model", "batch", "memlint check: wall / CPU / peak RSS",
+              "analysis, imports excluded: first (no search) / again",
               "again, model unchanged: wall / peak RSS", "torchinfo: wall / peak RSS",
               "MemTracker (fake): wall / peak RSS", "torchinfo / memlint (unchanged)",
               "MemTracker / memlint (unchanged)"]
@@ -341,7 +347,7 @@ def main() -> int:
             f"{torchinfo['command_wall']:.1f} s / {gb(torchinfo['rss'])}"
         tracker = "skipped" if memtracker is None else f"{memtracker['command_wall']:.1f} s / {gb(memtracker['rss'])}"
         table.append([name, str(batch), f"{ours:.1f} s / {check['command_cpu']:.1f} s / {gb(check['rss'])}",
-                      f"{analysis['wall']:.2f} s ({analysis['no_search_wall']:.2f} s)",
+                      f"{analysis['wall']:.2f} s ({analysis['no_search_wall']:.2f} s) / {analysis['warm_wall']:.2f} s",
                       f"{unchanged['command_wall']:.2f} s / {gb(unchanged['rss'])}", info, tracker,
                       _ratios(torchinfo, ours, unchanged), _ratios(memtracker, ours, unchanged)])
     print_table(header, table, args.markdown)

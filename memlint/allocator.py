@@ -39,7 +39,7 @@ def segment_size(nbytes: int) -> int:
     return -(-nbytes // ROUND_LARGE) * ROUND_LARGE
 
 
-@dataclass(eq=False)  # identity, not fields: blocks are nodes of their segment's list
+@dataclass(eq=False, slots=True)  # identity, not fields: blocks are nodes of their segment's list
 class _Block:
     segment: int
     offset: int
@@ -164,15 +164,15 @@ def replay_allocator(ledger: Ledger, cap_bytes: int | None = None) -> CachingAll
     to plans that need none.
     """
     model = CachingAllocatorModel(cap_bytes)
+    malloc, release, storages = model.malloc, model.release, ledger.storages  # the search replays a step 20 times
     blocks: dict[int, _Block] = {}
     for kind, sid, _ in ledger.events:
         if kind == ALLOC:
-            storage = ledger.storages[sid]
             try:
-                blocks[sid] = model.malloc(storage.nbytes)
+                blocks[sid] = malloc(storages[sid].nbytes)
             except OutOfMemory:
-                if not storage.elastic:
+                if not storages[sid].elastic:
                     raise
         elif kind == FREE and sid in blocks:
-            model.release(blocks.pop(sid))
+            release(blocks.pop(sid))
     return model

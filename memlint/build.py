@@ -54,7 +54,7 @@ class SmallValuesMode(ValueAssumingMode):
         return out
 
     def _compute_for_real(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
-        outputs = tree_flatten(out)[0]
+        outputs = [out] if isinstance(out, torch.Tensor) else tree_flatten(out)[0]  # one tensor, mostly: no pytree
         if not any(isinstance(t, FakeTensor) for t in outputs) or any(
                 isinstance(t, torch.Tensor) and t.numel() > SMALL_VALUES for t in outputs):
             return
@@ -94,58 +94,6 @@ def libraries_see_real_tensors() -> Iterator[None]:
         yield
     finally:
         import_utils.is_fake_tensor = original
-
-
-class _FakeMode(FakeTensorMode):
-    """FakeTensorMode that updates lists of its tensors in place (``_foreach_*_``) without meta kernels.
-
-    An in-place foreach op returns nothing and allocates nothing: on fake tensors it only checks
-    its arguments, and the meta kernels of ``_foreach_lerp_``, ``_foreach_addcmul_`` and
-    ``_foreach_addcdiv_`` check them one tensor at a time in Python (0.2 ms a tensor: Adam's step
-    on ResNet-50's 161 parameters spent 90 ms in them, more than its forward). Autograd has bumped
-    the version counters before any mode sees the op. The lists must still be as long as each
-    other, as the kernels check; a list of other tensors, or a fake tensor that keeps its value
-    (which the update would invalidate), goes the usual way.
-    """
-
-    def dispatch(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if _updates_lists_in_place(func) and self._all_fake_and_aligned(args, kwargs):
-            return None
-        return super().dispatch(func, types, args, kwargs or {})
-
-    def _all_fake_and_aligned(self, args: Any, kwargs: Any) -> bool:
-        lengths = set()
-        for value in (*args, *(kwargs or {}).values()):
-            if isinstance(value, (list, tuple)):
-                lengths.add(len(value))
-            tensors = value if isinstance(value, (list, tuple)) else (value,)
-            if not all(self._own_without_value(t) for t in tensors if isinstance(t, torch.Tensor)):
-                return False
-        return len(lengths) == 1
-
-    def _own_without_value(self, tensor: torch.Tensor) -> bool:
-        """One of this mode's fake tensors that keeps no value (a constant an update would invalidate)."""
-        return isinstance(tensor, FakeTensor) and tensor.fake_mode is self and tensor.constant is None
-
-
-_IN_PLACE_FOREACH: dict[Any, bool] = {}
-
-
-def _updates_lists_in_place(func: Any) -> bool:
-    """Whether ``func`` is an ``aten::_foreach_*_`` op: it writes its first list and returns nothing."""
-    known = _IN_PLACE_FOREACH.get(func)
-    if known is None:
-        schema = getattr(func, "_schema", None)
-        first = schema.arguments[0] if schema is not None and schema.arguments else None
-        known = _IN_PLACE_FOREACH[func] = bool(
-            schema is not None and schema.name.startswith("aten::_foreach_") and not schema.returns
-            and first is not None and first.alias_info is not None and first.alias_info.is_write)
-    return known
-
-
-def new_fake_mode() -> FakeTensorMode:
-    """Fake mode that also accepts real tensors the user made at import time (turned fake on use)."""
-    return _FakeMode(allow_non_fake_inputs=True)
 
 
 @contextlib.contextmanager

@@ -13,8 +13,9 @@ import torch
 
 from memlint.allocator import CachingAllocatorModel, OutOfMemory, replay_allocator, round_size
 from memlint.build import (SmallValuesMode, build_fake_model, fake_parameter_conversions, initialise_lazy_modules,
-                           libraries_see_real_tensors, new_fake_mode)
+                           libraries_see_real_tensors)
 from memlint.errors import ModelError
+from memlint.fakemode import new_fake_mode
 from memlint.gpu_kernels import GpuKernelMode
 from memlint.library_memory import (add_cublas_workspaces, cublas_workspace_bytes, cudnn_workspace_bytes,
                                     persistent_workspace_bytes)

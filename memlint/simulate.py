@@ -292,7 +292,8 @@ class ValueAssumingMode(TorchDispatchMode):
     def _assumed_scalar(self, tensor: torch.Tensor) -> Any:
         constant = getattr(tensor, "constant", None)
         if constant is not None:  # a fake tensor computed from Python numbers keeps its value: nothing to assume
-            return constant.item()
+            with fake_tensor.unset_fake_temporarily():  # a real tensor: read, not turned fake and read again
+                return constant.item()
         known = self.knowledge.scalar(tensor)
         if known is not None:  # computed from known values (memlint/values.py)
             return known

@@ -9,6 +9,8 @@ runs in its own process group (killed on a timeout and after it answers: no orph
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import re
@@ -21,7 +23,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from memlint.cache import InputRecorder
 from memlint.errors import MemlintError, ModelError
@@ -266,18 +268,19 @@ def _limit_memory() -> None:
 
 def analyse_request(request: AnalysisRequest) -> AnalysisAnswer:
     """In the child: import the file, find its models and analyse each one."""
-    from memlint.estimator import Workload, analyse
-    from memlint.loader import find_models, import_user_file
-    from memlint.targets import resolve_target
+    with _collector_paused():  # torch's import makes half a million objects, none of them garbage
+        from memlint.estimator import Workload, analyse
+        from memlint.fakemode import new_fake_mode
+        from memlint.loader import find_models, import_user_file
+        from memlint.targets import resolve_target
 
+        new_fake_mode()  # memlint's own lazy imports (torch._dynamo, ...): before the clock of --timeout starts
     settings = Settings(**_settings_from_json(request.settings))
     target = resolve_target(request.target, settings.user_targets)
     path = Path(request.path)
-    from memlint.build import new_fake_mode
-
-    new_fake_mode()  # memlint's own lazy imports (torch._dynamo, ...): before the clock of --timeout starts
     _emit({"phase": "import"})
     module = import_user_file(path)
+    settle_imports()
     _emit({"phase": "analyse"})
     reports = []
     for entry in find_models(module, path, settings.model):
@@ -292,6 +295,27 @@ def analyse_request(request: AnalysisRequest) -> AnalysisAnswer:
         report.batch_size_source = request.batch_size_source
         reports.append(report.to_json(full=True))
     return AnalysisAnswer(reports)
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Import without the cyclic garbage collector (a fifth of torch's import time), then settle."""
+    gc.disable()
+    try:
+        yield
+    finally:
+        settle_imports()
+        gc.enable()
+
+
+def settle_imports() -> None:
+    """Move every object alive now out of the garbage collector's sight, for the rest of the process.
+
+    Modules, classes and functions live until the process ends, yet every full collection
+    walks them all: after torch and torchvision, 330,000 objects and 0.2 s of a ResNet-50
+    analysis (``gc.freeze``: they are simply never scanned again).
+    """
+    gc.freeze()
 
 
 def _settings_from_json(data: dict[str, Any]) -> dict[str, Any]:

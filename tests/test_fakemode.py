@@ -1,0 +1,173 @@
+"""memlint's fake mode answers as PyTorch's FakeTensorMode does, only faster (memlint/fakemode.py)."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from test_estimator import small_cnn, tiny_gpt2, workload
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from memlint.estimator import analyse
+from memlint.fakemode import new_fake_mode
+from memlint.targets import resolve_target
+
+aten = torch.ops.aten
+CL = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def _tensor(shape, dtype=torch.float32, layout="contiguous"):
+    """A tensor of ``shape`` in one of the layouts a network hands to batch norm."""
+    if layout == "channels_last":
+        return torch.empty(shape, dtype=dtype).to(memory_format=CL[len(shape)])
+    if layout == "transposed":  # dense, but neither contiguous nor channels-last
+        return torch.empty((shape[0], *shape[2:], shape[1]), dtype=dtype).movedim(-1, 1)
+    if layout == "sliced":  # not dense: every other sample of a larger batch
+        return torch.empty((2 * shape[0], *shape[1:]), dtype=dtype)[::2]
+    return torch.empty(shape, dtype=dtype)
+
+
+def _described(out):
+    return [None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device, t.untyped_storage().nbytes())
+            for t in out]
+
+
+def _run(mode, func, make_args):
+    """``func`` on fakes of ``make_args()`` in ``mode``: its outputs and the running statistics' versions
+    after it, or the error it raised."""
+    with mode:
+        args = make_args()
+        try:
+            out = func(*args)
+        except Exception as exc:  # a single sample per channel in training: both must refuse it alike
+            return type(exc).__name__, str(exc)
+    stats = [a._version for a in args[3:5] if isinstance(a, torch.Tensor)] if func is aten.native_batch_norm.default \
+        else []
+    return _described(out), stats
+
+
+BATCH_NORM_CASES = [
+    (shape, layout, dtype, affine, training, stats)
+    for shape, layout in [((8, 3), "contiguous"), ((4, 3, 5), "contiguous"), ((4, 3, 5), "transposed"),
+                          ((2, 6, 4, 5), "contiguous"), ((2, 6, 4, 5), "channels_last"),
+                          ((2, 6, 4, 5), "transposed"), ((2, 6, 4, 5), "sliced"), ((1, 6, 1, 5), "channels_last"),
+                          ((2, 4, 3, 2, 5), "channels_last"), ((1, 4, 1, 1), "contiguous")]
+    for dtype, affine, training, stats in itertools.product(
+        (torch.float32, torch.bfloat16, torch.float16, torch.float64), (True, False), (True, False), (True, False))
+    if stats or training  # eval mode needs running statistics
+]
+
+
+@pytest.mark.parametrize("shape,layout,dtype,affine,training,stats", BATCH_NORM_CASES)
+def test_batch_norm_forward_is_laid_out_as_fake_tensor_mode_lays_it_out(shape, layout, dtype, affine, training, stats):
+    channels = shape[1]
+    param_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype  # autocast's mixed case
+
+    def make_args():
+        weight = torch.empty(channels, dtype=param_dtype) if affine else None
+        bias = torch.empty(channels, dtype=param_dtype) if affine else None
+        running = [torch.empty(channels, dtype=param_dtype) for _ in range(2)] if stats else [None, None]
+        return _tensor(shape, dtype, layout), weight, bias, *running, training, 0.1, 1e-5
+
+    expected = _run(FakeTensorMode(allow_non_fake_inputs=True), aten.native_batch_norm.default, make_args)
+    mode = new_fake_mode()
+    assert _run(mode, aten.native_batch_norm.default, make_args) == expected
+    assert _run(mode, aten.native_batch_norm.default, make_args) == expected  # from the kept layouts
+    assert any(mode._recipes.values()), "the shortcut was not taken"
+
+
+@pytest.mark.parametrize("mask", [[True, True, True], [True, False, False], [False, True, True]])
+@pytest.mark.parametrize("shape,layout,grad_layout", [((2, 6, 4, 5), "channels_last", "contiguous"),
+                                                      ((2, 6, 4, 5), "contiguous", "channels_last"),
+                                                      ((2, 6, 4, 5), "sliced", "transposed"),
+                                                      ((4, 3, 5), "contiguous", "contiguous"),
+                                                      ((8, 3), "contiguous", "contiguous")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_backward_is_laid_out_as_fake_tensor_mode_lays_it_out(mask, shape, layout, grad_layout, dtype,
+                                                                          training):
+    channels = shape[1]
+
+    def make_args():
+        stats = [torch.empty(channels) for _ in range(4)]
+        return (_tensor(shape, dtype, grad_layout), _tensor(shape, dtype, layout), torch.empty(channels), *stats,
+                training, 1e-5, mask)
+
+    expected = _run(FakeTensorMode(allow_non_fake_inputs=True), aten.native_batch_norm_backward.default, make_args)
+    mode = new_fake_mode()
+    assert _run(mode, aten.native_batch_norm_backward.default, make_args) == expected
+    assert any(mode._recipes.values())
+
+
+def test_a_batch_norm_the_kernels_refuse_fails_with_their_error():
+    def make_args():
+        return torch.empty(2, 3, 4), torch.empty(5), None, torch.empty(3), torch.empty(3), True, 0.1, 1e-5
+
+    expected = _run(FakeTensorMode(allow_non_fake_inputs=True), aten.native_batch_norm.default, make_args)
+    assert expected[0] == "RuntimeError"
+    assert _run(new_fake_mode(), aten.native_batch_norm.default, make_args) == expected
+
+
+def test_an_in_place_foreach_update_still_refuses_lists_of_different_lengths():
+    with new_fake_mode():
+        params = [torch.empty(3), torch.empty(4, 5)]
+        grads = [torch.empty(3), torch.empty(4, 5)]
+        torch._foreach_add_(params, grads, alpha=0.1)
+        assert [p.shape for p in params] == [(3,), (4, 5)]
+        with pytest.raises(RuntimeError, match="same number of tensors"):
+            torch._foreach_add_(params, grads[:1])
+
+
+class ChannelsLastNet(nn.Module):
+    """Batch norm in 1, 2 and 3 dimensions, on channels-last and sliced activations, in-place activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm2d = nn.BatchNorm2d(8)
+        self.norm1d = nn.BatchNorm1d(8)
+        self.norm3d = nn.BatchNorm3d(2)
+        self.group = nn.GroupNorm(2, 8)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x.to(memory_format=torch.channels_last))
+        x = nn.functional.relu_(self.norm2d(x))
+        x = self.group(x[:, :, ::2])  # a strided slice
+        x = x + self.norm3d(x.reshape(x.shape[0], 2, 4, *x.shape[2:])).flatten(1, 2)
+        return self.head(self.norm1d(x.flatten(2)).mean(-1))
+
+
+class Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(16, 32, num_layers=2, batch_first=True, dropout=0.1)
+        self.head = nn.Linear(32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("build, options, target", [
+    (ChannelsLastNet, dict(shape=(3, 12, 12)), "h100-80gb"),
+    (ChannelsLastNet, dict(shape=(3, 12, 12), precision="bf16-mixed", optimizer="sgd-momentum"), "cpu:64GiB"),
+    (ChannelsLastNet, dict(shape=(3, 12, 12), mode="infer"), "h100-80gb"),
+    (Recurrent, dict(shape=(10, 16)), "h100-80gb"),
+    (small_cnn, dict(shape=(3, 16, 16), precision="fp16-mixed"), "h100-80gb"),
+    (tiny_gpt2, dict(inputs=lambda b: torch.randint(0, 500, (b, 64))), "h100-80gb"),
+    (tiny_gpt2, dict(inputs=lambda b: torch.randint(0, 500, (b, 64)), precision="bf16-mixed"), "cpu:64GiB"),
+])
+def test_the_shortcuts_change_no_estimate(monkeypatch, build, options, target):
+    """The whole analysis (the step, the largest-batch search, the layer table) as PyTorch's FakeTensorMode gives it."""
+    import memlint.estimator
+
+    def report() -> dict:
+        # From a cold cache, both: FakeTensorMode's cache is shared by all its instances, and some ops
+        # differ between a miss and a hit (LSTM's backward returns one bias gradient twice on a miss).
+        FakeTensorMode.cache_clear()
+        return analyse(workload(build, 8, **options), resolve_target(target), 0.8).to_json(full=True)
+
+    fast = report()
+    monkeypatch.setattr(memlint.estimator, "new_fake_mode", lambda: FakeTensorMode(allow_non_fake_inputs=True))
+    assert report() == fast
