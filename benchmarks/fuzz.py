@@ -108,8 +108,9 @@ def main() -> None:
     print(f"cases tried: {sum(t.tried for t in tallies)}")
     print(f"crashes: {sum(len(t.crashes) for t in tallies)}")
     print(f"wrong answers: {sum(len(t.wrong) for t in tallies)}")
-    print(f"stacks compared with the real CPU step: {len(measured)} ({len(attention)} with attention); "
-          f"refused by memlint and by PyTorch alike: {len(refused)}")
+    recurrent = sum(any(name == "recurrent" for name, _ in c.case.layers) for c in measured)
+    print(f"stacks compared with the real CPU step: {len(measured)} ({len(attention)} with attention, {recurrent} "
+          f"with an LSTM or GRU); refused by memlint and by PyTorch alike: {len(refused)}")
     for label, group in (("without attention", plain), ("with attention", attention)):
         worst = fuzzing.worst(group)
         if worst is not None:

@@ -21,6 +21,7 @@ from torch.utils._pytree import tree_flatten
 
 from memlint.autocast import CudaAutocastMode
 from memlint.ledger import Ledger, StorageInfo
+from memlint.onednn import lstm_workspace_bytes
 from memlint.recompute import modes_survive_recomputation
 from memlint.values import ValueKnowledge
 
@@ -94,7 +95,7 @@ _NORMS = (aten.native_layer_norm.default, aten.native_group_norm.default, aten.n
 
 
 def _outputs_as_kernels_make_them(func: Any, args: tuple, out: Any, kernels: str) -> Any:
-    """Fix the dtypes where a meta kernel and the real kernels differ, on a half-precision input.
+    """Fix the outputs where a meta kernel and the real kernels differ: dtypes on a half-precision input, a size.
 
     The saved mean and inverse deviation of a normalisation: with fp32 weights (autocast's mixed
     precision) the CPU and CUDA kernels keep them in fp32 (``param_scalar_type`` in
@@ -102,7 +103,8 @@ def _outputs_as_kernels_make_them(func: Any, args: tuple, out: Any, kernels: str
     CUDA's layer and batch norm always do (``toAccumulateType`` in cuda/layer_norm_kernel.cu and
     ``batch_norm_cuda`` in cuda/Normalization.cu); the meta kernels make them bf16/fp16. And
     ``native_group_norm_backward``'s meta kernel makes an fp32 input gradient where the kernels give
-    the input's dtype.
+    the input's dtype. And oneDNN's LSTM on a CPU returns a workspace for its backward, which its
+    meta kernel leaves empty (memlint/onednn.py).
     """
     if func in _NORMS:
         data, params = args[0], [a for a in args[1:3] if isinstance(a, torch.Tensor)]
@@ -114,6 +116,10 @@ def _outputs_as_kernels_make_them(func: Any, args: tuple, out: Any, kernels: str
         data = args[1]
         if out[0] is not None and out[0].dtype != data.dtype:
             return (torch.empty_like(out[0], dtype=data.dtype), *out[1:])
+    elif func is aten.mkldnn_rnn_layer.default and kernels == "cpu" and torch.is_grad_enabled():
+        steps, batch, width = args[0].shape  # the workspace that oneDNN's LSTM keeps for its backward
+        workspace = lstm_workspace_bytes(steps, batch, width, args[10], args[0].element_size())
+        return (*out[:3], torch.empty(workspace, dtype=torch.uint8, device=args[0].device))
     return out
 
 

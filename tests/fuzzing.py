@@ -9,8 +9,8 @@ Two kinds of cases:
   (``memlint.engine.lint_file``): it must never raise, and must say E999 exactly when CPython
   rejects the text.
 * **Layer stacks** (``layer_stacks``): random ``nn.Sequential`` stacks of convolutions, linear
-  layers, norms, activations, pooling and attention (``nn.MultiheadAttention`` and
-  ``F.scaled_dot_product_attention``) with random shapes. ``compare_stack`` runs memlint's
+  layers, norms, activations, pooling, attention (``nn.MultiheadAttention`` and
+  ``F.scaled_dot_product_attention``) and recurrent layers (``nn.LSTM``, ``nn.GRU``) with random shapes. ``compare_stack`` runs memlint's
   estimator (``memlint.estimator.analyse``) on fake tensors and the same training step on
   real CPU tensors, where ``RealStorageTracker`` records the peak of live storages.
 
@@ -175,6 +175,18 @@ class SelfAttention(nn.Module):
         return self.attention(x, x, x, need_weights=False)[0]
 
 
+class Recurrent(nn.Module):
+    """nn.LSTM or nn.GRU over a batch-first sequence, as a layer (its forward returns a tuple)."""
+
+    def __init__(self, kind: str, dim: int, hidden: int, layers: int, bidirectional: bool) -> None:
+        super().__init__()
+        self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[kind](dim, hidden, num_layers=layers, batch_first=True,
+                                                          bidirectional=bidirectional)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0]
+
+
 class SdpaAttention(nn.Module):
     """Projections around F.scaled_dot_product_attention."""
 
@@ -224,7 +236,7 @@ def _make_layer(name: str, args: tuple) -> nn.Module:
         "bn2d": nn.BatchNorm2d, "gn": nn.GroupNorm, "maxpool": nn.MaxPool2d, "avgpool": nn.AvgPool2d,
         "adaptive": lambda size: nn.Sequential(nn.AdaptiveAvgPool2d(size), nn.Flatten()),
         "linear": nn.Linear, "ln": nn.LayerNorm, "bn1d": nn.BatchNorm1d, "flatten": nn.Flatten,
-        "mha": SelfAttention, "sdpa": SdpaAttention,
+        "mha": SelfAttention, "sdpa": SdpaAttention, "recurrent": Recurrent,
     }[name](*args)
 
 
@@ -249,7 +261,7 @@ def layer_stacks(draw: Any, max_layers: int = 6) -> StackCase:
         if len(current) == 1:
             options += ["bn1d"] if batch > 1 else []
         if len(current) == 2:
-            options += ["attention", "attention", "attention", "flatten"]
+            options += ["attention", "attention", "attention", "flatten", "recurrent"]
         choice = draw(st.sampled_from(options))
         if choice == "activation":  # in place now and then: backward may then fail, on both sides
             case.layers.append((draw(st.sampled_from(sorted(_ACTIVATIONS) + ["relu", "gelu", "silu"])), ()))
@@ -285,6 +297,11 @@ def layer_stacks(draw: Any, max_layers: int = 6) -> StackCase:
         elif choice == "flatten":
             case.layers.append(("flatten", ()))
             current = (current[0] * current[1],)
+        elif choice == "recurrent":
+            hidden, bidirectional = draw(st.integers(1, 48)), draw(st.booleans())
+            case.layers.append(("recurrent", (draw(st.sampled_from(["lstm", "gru"])), current[-1], hidden,
+                                              draw(st.integers(1, 2)), bidirectional)))
+            current = (current[0], hidden * (2 if bidirectional else 1))
         else:  # attention over a sequence: the width must split into heads
             dim = current[-1]
             heads = draw(st.sampled_from([h for h in (1, 2, 4) if dim % h == 0]))
