@@ -10,9 +10,10 @@ Two kinds of cases:
   rejects the text.
 * **Layer stacks** (``layer_stacks``): random ``nn.Sequential`` stacks of convolutions, linear
   layers, norms, activations, pooling, attention (``nn.MultiheadAttention`` and
-  ``F.scaled_dot_product_attention``) and recurrent layers (``nn.LSTM``, ``nn.GRU``) with random shapes. ``compare_stack`` runs memlint's
-  estimator (``memlint.estimator.analyse``) on fake tensors and the same training step on
-  real CPU tensors, where ``RealStorageTracker`` records the peak of live storages.
+  ``F.scaled_dot_product_attention``) and recurrent layers (``nn.LSTM``, ``nn.GRU``) with random
+  shapes. ``compare_stack`` runs memlint's estimator (``memlint.estimator.analyse``) on fake tensors
+  and the same training step on real CPU tensors, where ``RealStorageTracker`` records the peak of
+  live storages.
 
 The real measurement: a TorchDispatchMode sees the output of every aten op of three real steps
 (inputs, forward, ``mean()`` loss, backward, foreach Adam, ``zero_grad``), counts each new
