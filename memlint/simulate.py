@@ -210,6 +210,10 @@ class StorageTracker:
 
 
 _MASK_INDEX: dict[Any, int | None] = {}
+# Outputs that the kernels compute whatever the mask says: the grid's gradient of grid_sample, which
+# ``grid_sampler_2d_backward_cpu`` (aten/src/ATen/native/GridSampler.cpp), ``..._cuda``
+# (native/cuda/GridSampler.cpp) and their 3-d twins allocate with ``empty_like(grid)`` unconditionally.
+_COMPUTED_REGARDLESS = {aten.grid_sampler_2d_backward.default: 1, aten.grid_sampler_3d_backward.default: 1}
 
 
 def _drop_masked_outputs(func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
@@ -228,7 +232,8 @@ def _drop_masked_outputs(func: Any, args: tuple, kwargs: dict, out: Any) -> Any:
     mask = kwargs.get("output_mask", args[index] if index < len(args) else None)
     if not isinstance(mask, (list, tuple)):
         return out
-    return tuple(None if i < len(mask) and not mask[i] else value for i, value in enumerate(out))
+    kept = _COMPUTED_REGARDLESS.get(func)
+    return tuple(None if i < len(mask) and not mask[i] and i != kept else value for i, value in enumerate(out))
 
 
 class ValueAssumingMode(TorchDispatchMode):
