@@ -8,6 +8,7 @@ report and the diagnostics point at.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import sys
 from pathlib import Path
@@ -52,6 +53,13 @@ class SmallValuesMode(ValueAssumingMode):
         out = super().__torch_dispatch__(func, types, args, kwargs)
         self._compute_for_real(func, args, kwargs, out)
         return out
+
+    def _compared(self, func: Any, args: tuple, kwargs: dict) -> bool:
+        if all(a in self.values for a in args if isinstance(a, FakeTensor)):
+            real = [self.values[a] if isinstance(a, FakeTensor) else a for a in args]
+            with unset_fake_temporarily():
+                return func(*real, **kwargs)
+        return super()._compared(func, args, kwargs)
 
     def _compute_for_real(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         outputs = [out] if isinstance(out, torch.Tensor) else tree_flatten(out)[0]  # one tensor, mostly: no pytree
@@ -120,6 +128,33 @@ def fake_parameter_conversions() -> Iterator[None]:
         yield
     finally:
         torch.utils.swap_tensors = original
+
+
+@contextlib.contextmanager
+def values_deep_copied_for_real() -> Iterator[None]:
+    """Let ``copy.deepcopy`` copy a fake tensor that keeps its value (``torch.tensor(0)``: batch norm's count).
+
+    ``Tensor.__deepcopy__`` copies a tensor's ``__dict__``, and a fake tensor's value is a real tensor
+    there, whose copy under the fake mode comes out fake and then refuses its CPU storage
+    (``set_``): copying a module with a batch norm failed. The value is copied outside the fake
+    mode first, into the deep copy's memo, where ``__dict__``'s copy finds it.
+    """
+    def deep_copy(tensor: FakeTensor, memo: dict) -> torch.Tensor:
+        value = tensor.constant
+        if value is not None and id(value) not in memo:
+            with unset_fake_temporarily():
+                copy.deepcopy(value, memo)
+        return torch.Tensor.__deepcopy__(tensor, memo)
+
+    own = FakeTensor.__dict__.get("__deepcopy__")
+    FakeTensor.__deepcopy__ = deep_copy  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if own is None:
+            del FakeTensor.__deepcopy__
+        else:
+            FakeTensor.__deepcopy__ = own  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -210,7 +245,7 @@ def build_fake_model(build: Callable[[], Any], fake_mode: FakeTensorMode, name: 
     sites: dict[int, str] = {}
     try:
         with fake_mode, value_mode or contextlib.nullcontext(), record_creation_sites(sites), \
-                fake_parameter_conversions(), lazy_modules_on_fake():
+                fake_parameter_conversions(), lazy_modules_on_fake(), values_deep_copied_for_real():
             model = build()
     except MemoryError:
         raise ModelError(f"building {name} ran out of host memory even on fake tensors", path=path,

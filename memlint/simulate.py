@@ -86,6 +86,10 @@ def _sparse_clone(tensor: torch.Tensor, memory_format: Any = None) -> torch.Tens
         dtype=tensor.dtype, layout=torch.sparse_coo, device=tensor.device, is_coalesced=tensor.is_coalesced())
 
 
+# Comparisons that answer a Python bool from the tensors' values (an orthogonal parametrization checks
+# its weight with ``allclose``): FakeTensorMode refuses them as data-dependent.
+_VALUE_COMPARISONS = frozenset({aten.allclose.default, aten.equal.default})
+
 # Ops whose meta kernel refuses inputs that the real kernels take: the output as the kernels make it.
 _PERMISSIVE_OPS = {aten._grouped_mm.default: _grouped_mm_any_dtype}
 
@@ -272,6 +276,8 @@ class ValueAssumingMode(TorchDispatchMode):
         kwargs = kwargs or {}
         if func is aten._local_scalar_dense.default or func is aten.item.default:  # item: spared its decomposition
             return self._assumed_scalar(args[0])
+        if func in _VALUE_COMPARISONS:
+            return self._compared(func, args, kwargs)
         if func is aten.split_with_sizes.default and self._assumed_an_int:
             split = _sizes_that_split(*args)
             if list(split[1]) != list(args[1]):
@@ -317,6 +323,16 @@ class ValueAssumingMode(TorchDispatchMode):
             self._assumed_an_int = True
         self.note(f".item() on a {str(tensor.dtype).removeprefix('torch.')} tensor: assumed {value}")
         return value
+
+    def _compared(self, func: Any, args: tuple, kwargs: dict) -> bool:
+        """``allclose`` or ``equal``: from the tensors' values where every one keeps its value, else assumed."""
+        values = [getattr(a, "constant", None) if isinstance(a, torch.Tensor) else a for a in args]
+        if all(value is not None for value in values):
+            with fake_tensor.unset_fake_temporarily():
+                return func(*values, **kwargs)
+        answer = self._assumed_bool()
+        self.note(f"{func.__name__} of tensors without values: assumed {answer}")
+        return answer
 
     def _assumed_bool(self) -> bool:
         frame = _calling_frame()

@@ -1,14 +1,18 @@
-"""Each kind of layer PyTorch ships, trained on a host: memlint's estimate equals a real CPU step, to the byte.
+"""Each kind of layer PyTorch ships, and the usual ways of building models from them, trained on a host:
+memlint's estimate equals a real CPU step, to the byte.
 
 A host target runs the CPU's own kernels, so any difference is a place where memlint's fake tensors
 and the real kernels part: a meta kernel that leaves out a buffer (oneDNN's LSTM workspace), an
 output computed whatever its mask says (grid_sample's grid gradient), a model built by
-``copy.deepcopy`` (nn.TransformerEncoder). Each case is a layer between a random input and a
-linear head, trained by Adam for three steps (``real_step_peak`` in tests/fuzzing.py).
+``copy.deepcopy`` (nn.TransformerEncoder), a constructor that compares values (an orthogonal
+parametrization). Each case is a layer between a random input and a linear head, trained by Adam
+for three steps (``real_step_peak`` in tests/fuzzing.py).
 """
 from __future__ import annotations
 
 from typing import Any, Callable
+
+import copy
 
 import pytest
 import torch
@@ -16,6 +20,7 @@ import torch.nn.functional as F
 from fuzzing import real_step_peak
 from test_estimator import workload
 from torch import nn
+from torch.nn.utils import parametrizations
 
 from memlint.estimator import analyse
 from memlint.targets import resolve_target
@@ -45,6 +50,42 @@ def tokens(batch: int) -> torch.Tensor:
 
 def conv(*layers: nn.Module) -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3), *layers)
+
+
+class TiedEmbedding(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(1000, 16)
+        self.out = nn.Linear(16, 1000, bias=False)
+        self.out.weight = self.embedding.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.embedding(x))
+
+
+class CalledTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(torch.relu(self.linear(x)))
+
+
+class ScaledByBuffer(nn.Module):
+    """A buffer with real values (``torch.full``), which the fake mode keeps as a constant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 16)
+        self.register_buffer("scale", torch.full((16,), 2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * self.scale
+
+
+def deep_copies(block: nn.Module, times: int) -> nn.Module:
+    return nn.Sequential(*(copy.deepcopy(block) for _ in range(times)))
 
 
 CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...] | Callable[[int], torch.Tensor], Any]] = {
@@ -105,6 +146,18 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...] | Callable[[int]
                     lambda layer, x: F.grid_sample(layer(x), torch.zeros(x.shape[0], 6, 6, 2), align_corners=False)),
     "reflection_pad": (lambda: nn.Conv2d(3, 4, 3), (3, 12, 12),
                        lambda layer, x: layer(F.pad(x, (2, 2, 2, 2), mode="reflect"))),
+    # ways of building a model
+    "deep_copied_blocks": (lambda: deep_copies(nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16)), 3), (16,), None),
+    "deep_copied_batch_norm": (lambda: deep_copies(conv(nn.BatchNorm2d(8), nn.ReLU()), 1), (3, 12, 12), None),
+    "shallow_copied_layer": (lambda: (lambda layer: nn.Sequential(layer, copy.copy(layer)))(nn.Linear(16, 16)),
+                             (16,), None),
+    "tied_weights": (TiedEmbedding, tokens, None),
+    "called_twice": (CalledTwice, (16,), None),
+    "buffer_with_values": (ScaledByBuffer, (16,), None),
+    "weight_norm": (lambda: parametrizations.weight_norm(nn.Linear(16, 16)), (16,), None),
+    "weight_norm_hooks": (lambda: nn.utils.weight_norm(nn.Linear(16, 16)), (16,), None),
+    "spectral_norm": (lambda: parametrizations.spectral_norm(nn.Linear(16, 16)), (16,), None),
+    "orthogonal": (lambda: parametrizations.orthogonal(nn.Linear(16, 16)), (16,), None),
 }
 BATCH = 4
 
