@@ -13,7 +13,8 @@ on whole analyses):
 * Batch norm, forward and backward, is a Python decomposition of some twenty ops, each a miss of
   the fake-tensor cache at every new shape (7 ms a call on a cold cache: a third of a second of
   a ResNet-50 analysis). Its layouts come from the same decomposition run on plain meta tensors.
-* ``detach`` (autograd's, 500 a ResNet-50 iteration) runs its meta kernel directly.
+* ``detach`` (autograd's, 500 a ResNet-50 iteration) runs its meta kernel directly, and a small
+  value lifted into the mode (``torch.tensor(0.0)``: Adam's step counts) keeps a copy of its value.
 * In-place foreach updates (an optimizer's step) return nothing, so they are checked, not run.
 """
 from __future__ import annotations
@@ -70,6 +71,8 @@ class MemlintFakeMode(FakeTensorMode):
             return None
         if func is aten.detach.default and self._own_without_value(args[0]):
             return self._detached(args[0])
+        if func is aten.lift_fresh.default and _a_value(args[0]):
+            return self._keeping_value(args[0])
         kind = _kind(func)
         key = self._key(func, args, kwargs) if kind is not None else None
         if key is None:
@@ -142,6 +145,16 @@ class MemlintFakeMode(FakeTensorMode):
             meta = aten.detach.default(tensor)
         return FakeTensor(self, meta, tensor.device, pytype=tensor.pytype, dispatch_keys=tensor.dispatch_keys)
 
+    def _keeping_value(self, value: torch.Tensor) -> FakeTensor:
+        """``torch.tensor(0.0)`` (a step count): a fake tensor that keeps a copy of its value, as FakeTensorMode
+        makes it (``from_real_tensor(make_constant=True)``), without its meta converter (0.3 ms a call)."""
+        with unset_fake_temporarily(), torch.utils._python_dispatch._disable_current_modes():
+            constant = value.clone()
+            meta = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+        fake = FakeTensor(self, meta, value.device, constant=constant)
+        self.fake_tensor_converter.set_tensor_memo(constant, fake)  # the value, met again, is this tensor
+        return fake
+
     def _made(self, recipe: Recipe) -> Any:
         container, layouts = recipe
         with unset_fake_temporarily():
@@ -166,6 +179,12 @@ class MemlintFakeMode(FakeTensorMode):
     def _own_without_value(self, tensor: torch.Tensor) -> bool:
         """One of this mode's fake tensors that keeps no value (a constant an update would invalidate)."""
         return isinstance(tensor, FakeTensor) and tensor.fake_mode is self and tensor.constant is None
+
+
+def _a_value(tensor: Any) -> bool:
+    """A real CPU tensor small enough for FakeTensorMode to keep as a fake tensor's value (``may_turn_const``)."""
+    return (type(tensor) is torch.Tensor and tensor.device.type == "cpu" and tensor.layout == torch.strided
+            and tensor.numel() <= 1 and not tensor.requires_grad and not tensor.is_quantized)
 
 
 def _layout(tensor: torch.Tensor) -> Layout:

@@ -109,6 +109,22 @@ def test_a_batch_norm_the_kernels_refuse_fails_with_their_error():
     assert _run(new_fake_mode(), aten.native_batch_norm.default, make_args) == expected
 
 
+@pytest.mark.parametrize("make", [lambda: torch.tensor(0.0), lambda: torch.tensor(3), lambda: torch.tensor([2.5]),
+                                  lambda: torch.tensor(True), lambda: torch.tensor(1.5, dtype=torch.float64),
+                                  lambda: torch.tensor([1.0, 2.0])])
+def test_a_lifted_value_is_kept_as_fake_tensor_mode_keeps_it(make):
+    """``torch.tensor(...)`` under the mode: the same fake tensor, value and all, read directly and from its value."""
+    def described(mode: FakeTensorMode) -> tuple:
+        with mode:
+            tensor = make()
+            value = tensor.constant
+            tensor.add_(tensor)  # an update keeps the value up to date
+            return (tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device, tensor.untyped_storage().nbytes(),
+                    None if value is None else (value.tolist(), value.dtype, tensor.tolist(), value.tolist()))
+
+    assert described(new_fake_mode()) == described(FakeTensorMode(allow_non_fake_inputs=True))
+
+
 def test_an_in_place_foreach_update_still_refuses_lists_of_different_lengths():
     with new_fake_mode():
         params = [torch.empty(3), torch.empty(4, 5)]
