@@ -148,7 +148,7 @@ class MemlintFakeMode(FakeTensorMode):
     def _keeping_value(self, value: torch.Tensor) -> FakeTensor:
         """``torch.tensor(0.0)`` (a step count): a fake tensor that keeps a copy of its value, as FakeTensorMode
         makes it (``from_real_tensor(make_constant=True)``), without its meta converter (0.3 ms a call)."""
-        with unset_fake_temporarily(), torch.utils._python_dispatch._disable_current_modes():
+        with unset_fake_temporarily():
             constant = value.clone()
             meta = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
         fake = FakeTensor(self, meta, value.device, constant=constant)
