@@ -303,6 +303,7 @@ class StepCounter(FlopCounterMode):
         self.block_inputs: dict[str, int] = {}
         self._attention = _AttentionCosts(self)
         self._handles: list[Any] = []
+        self._block_names: dict[torch.nn.Module, str] = {}
         self._names: dict[frozenset[str], tuple[str, ...]] = {}
         self.steps = 0
         self._reset()
@@ -323,10 +324,13 @@ class StepCounter(FlopCounterMode):
         self.mode = _CountingMode(self)
         self.mode.__enter__()
         self._attention.__enter__()
-        modules = dict(self.model.named_modules())
-        for name in self.blocks:
-            self._handles.append(modules[name].register_forward_pre_hook(
-                lambda _m, args, kwargs, name=name: self._on_block(name, args, kwargs), with_kwargs=True))
+        if self.blocks:
+            # A hook of every module, not of the blocks: PyTorch's fused inference path of a transformer
+            # layer (``_transformer_encoder_layer_fwd``) is not taken by a module with hooks of its own.
+            modules = dict(self.model.named_modules())
+            self._block_names = {modules[name]: name for name in self.blocks}
+            self._handles.append(torch.nn.modules.module.register_module_forward_hook(self._on_block,
+                                                                                      with_kwargs=True))
         return self
 
     def __exit__(self, *exc: Any) -> Any:
@@ -346,8 +350,9 @@ class StepCounter(FlopCounterMode):
         self.active = self.steps >= self.count_from
         self._reset()
 
-    def _on_block(self, name: str, args: Any, kwargs: Any) -> None:
-        if not _is_bw():
+    def _on_block(self, module: torch.nn.Module, args: Any, kwargs: Any, _output: Any) -> None:
+        name = self._block_names.get(module)
+        if name is not None and not _is_bw():
             self.block_inputs[name] = _tensor_bytes((args, kwargs))
 
     # -- counting ------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ A host target runs the CPU's own kernels, so any difference is a place where mem
 and the real kernels part: a meta kernel that leaves out a buffer (oneDNN's LSTM workspace), an
 output computed whatever its mask says (grid_sample's grid gradient), a model built by
 ``copy.deepcopy`` (nn.TransformerEncoder), a constructor that compares values (an orthogonal
-parametrization). Each case is a layer between a random input and a linear head, trained by Adam
-for three steps (``real_step_peak`` in tests/fuzzing.py).
+parametrization), a hook that keeps PyTorch off its fused inference path. Each case is a layer
+between a random input and a linear head, trained by Adam for three steps or run for inference
+(``real_step_peak`` in tests/fuzzing.py).
 """
 from __future__ import annotations
 
@@ -162,8 +163,11 @@ CASES: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...] | Callable[[int]
 BATCH = 4
 
 
+@pytest.mark.parametrize("mode", ["train", "infer"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_a_layer_trained_on_a_host_is_estimated_to_the_byte(name):
+def test_a_layer_on_a_host_is_estimated_to_the_byte(name, mode):
+    """Trained (three Adam steps), or run for inference (one forward in eval mode without autograd, where
+    PyTorch takes fused paths: a transformer layer's ``_transformer_encoder_layer_fwd``)."""
     make_layer, inputs, apply = CASES[name]
     make_inputs = inputs if callable(inputs) else lambda batch: torch.randn(batch, *inputs)
     sample = make_inputs(2)
@@ -171,7 +175,8 @@ def test_a_layer_trained_on_a_host_is_estimated_to_the_byte(name):
     def build() -> nn.Module:
         return Probe(make_layer(), sample, apply)
 
-    report = analyse(workload(build, BATCH, inputs=make_inputs), resolve_target("cpu:64GiB"), 1.0,
+    report = analyse(workload(build, BATCH, inputs=make_inputs, mode=mode), resolve_target("cpu:64GiB"), 1.0,
                      find_max_batch=False)
-    measured = real_step_peak(build, lambda: ((make_inputs(BATCH),), {}), lambda output, _args, _kwargs: output.mean())
+    measured = real_step_peak(build, lambda: ((make_inputs(BATCH),), {}), lambda output, _args, _kwargs: output.mean(),
+                              train=mode == "train")
     assert report.peak_allocated_bytes == measured
