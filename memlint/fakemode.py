@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch._subclasses.fake_tensor import (FakeTensor, FakeTensorMode, in_kernel_invocation_manager,
                                           unset_fake_temporarily)
+from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
 
@@ -67,14 +68,14 @@ class MemlintFakeMode(FakeTensorMode):
 
     def dispatch(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if _updates_lists_in_place(func) and self._all_fake_and_aligned(args, kwargs):
+        kind = _kind(func)
+        if kind == LISTS_IN_PLACE and self._all_fake_and_aligned(args, kwargs):
             return None
         if func is aten.detach.default and self._own_without_value(args[0]):
             return self._detached(args[0])
         if func is aten.lift_fresh.default and _a_value(args[0]):
             return self._keeping_value(args[0])
-        kind = _kind(func)
-        key = self._key(func, args, kwargs) if kind is not None else None
+        key = self._key(func, args, kwargs) if kind in (FRESH, IN_PLACE) else None
         if key is None:
             return super().dispatch(func, types, args, kwargs)
         if key not in self._recipes:
@@ -122,7 +123,7 @@ class MemlintFakeMode(FakeTensorMode):
         """How to make ``out`` again, if every tensor in it is a fresh fake tensor of its own; else None."""
         container = type(out) if isinstance(out, (tuple, list)) else None
         outputs = out if container is not None else (out,)
-        seen = {t.untyped_storage()._cdata for t in _tensors((args, kwargs))}
+        seen = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         layouts: list[Layout | None] = []
         for tensor in outputs:
             if tensor is None:
@@ -150,18 +151,13 @@ class MemlintFakeMode(FakeTensorMode):
         makes it (``from_real_tensor(make_constant=True)``), without its meta converter (0.3 ms a call)."""
         with unset_fake_temporarily():
             constant = value.clone()
-            meta = torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
-        fake = FakeTensor(self, meta, value.device, constant=constant)
+        fake = FakeTensor(self, _meta(value.shape, value.stride(), value.dtype), value.device, constant=constant)
         self.fake_tensor_converter.set_tensor_memo(constant, fake)  # the value, met again, is this tensor
         return fake
 
     def _made(self, recipe: Recipe) -> Any:
         container, layouts = recipe
-        with unset_fake_temporarily():
-            metas = [None if layout is None else torch.empty_strided(layout[0], layout[1], dtype=layout[2],
-                                                                      device="meta")
-                     for layout in layouts]
-        outputs = [None if meta is None else FakeTensor(self, meta, layout[3]) for meta, layout in zip(metas, layouts)]
+        outputs = [None if layout is None else FakeTensor(self, _meta(*layout[:3]), layout[3]) for layout in layouts]
         if container is None:
             return outputs[0]
         return container(outputs) if container in (tuple, list) else container(*outputs)  # or a named tuple
@@ -191,14 +187,10 @@ def _layout(tensor: torch.Tensor) -> Layout:
     return tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device
 
 
-def _tensors(tree: Any) -> list[torch.Tensor]:
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        tree = tree.values()
-    if isinstance(tree, (list, tuple, type({}.values()))):
-        return [t for item in tree for t in _tensors(item)]
-    return []
+def _meta(shape: Any, stride: Any, dtype: torch.dtype) -> torch.Tensor:
+    """A meta tensor of this layout (a real one, whichever fake mode is on): what a fake tensor wraps."""
+    with unset_fake_temporarily():
+        return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
 
 
 def _dense_nbytes(tensor: torch.Tensor) -> int:
@@ -209,13 +201,15 @@ def _dense_nbytes(tensor: torch.Tensor) -> int:
     return extent * tensor.element_size()
 
 
-FRESH, IN_PLACE = "fresh", "in place"  # the kinds of op whose outputs are kept (see _kind)
+# The kinds of op the mode answers itself (see _kind).
+FRESH, IN_PLACE, LISTS_IN_PLACE = "fresh", "in place", "lists in place"
 _KINDS: dict[Any, str | None] = {}
 
 
 def _kind(func: Any) -> str | None:
     """FRESH for an op whose schema promises outputs that alias nothing; IN_PLACE for one that only
-    writes its first argument and returns it (``add_``, ``fill_``, ``uniform_``); else None.
+    writes its first argument and returns it (``add_``, ``fill_``, ``uniform_``); LISTS_IN_PLACE for an
+    ``aten::_foreach_*_`` op, which writes its first list and returns nothing; else None.
 
     Views, ops that change their argument's shape (``resize_``, ``squeeze_``), and ops whose
     outputs' shapes depend on values (``nonzero``) are left out; what the others return is
@@ -225,16 +219,21 @@ def _kind(func: Any) -> str | None:
         return _KINDS[func]
     schema = getattr(func, "_schema", None)
     kind = None
-    if (isinstance(func, torch._ops.OpOverload) and schema is not None and not func.is_view and schema.returns
-            and not {torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output, torch.Tag.inplace_view}
-            & set(func.tags)):
+    if schema is not None:
         written = [a.alias_info for a in schema.arguments]
         returned = [r.alias_info for r in schema.returns]
-        if not any(written) and not any(returned):
-            kind = FRESH
-        elif (written[0] is not None and written[0].is_write and not any(written[1:]) and len(returned) == 1
-              and returned[0] is not None and returned[0].before_set == written[0].before_set):
-            kind = IN_PLACE
+        if not schema.returns:
+            if schema.name.startswith("aten::_foreach_") and written and written[0] is not None \
+                    and written[0].is_write:
+                kind = LISTS_IN_PLACE
+        elif isinstance(func, torch._ops.OpOverload) and not func.is_view and not (
+                {torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output, torch.Tag.inplace_view}
+                & set(func.tags)):
+            if not any(written) and not any(returned):
+                kind = FRESH
+            elif (written[0] is not None and written[0].is_write and not any(written[1:]) and len(returned) == 1
+                  and returned[0] is not None and returned[0].before_set == written[0].before_set):
+                kind = IN_PLACE
     _KINDS[func] = kind
     return kind
 
@@ -255,9 +254,8 @@ def _outputs_on_meta(func: Any, args: tuple) -> Recipe | None:
     CPU's is applied here.
     """
     try:
+        metas = [_meta(a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args]
         with unset_fake_temporarily():
-            metas = [torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
-                     if isinstance(a, torch.Tensor) else a for a in args]
             out = func(*metas)
     except Exception:  # the usual way raises PyTorch's own error for it
         return None
@@ -269,21 +267,6 @@ def _outputs_on_meta(func: Any, args: tuple) -> Recipe | None:
             shape, stride, _, _ = layouts[index]
             layouts[index] = (shape, stride, data.dtype, device) if training else ((0,), (1,), data.dtype, device)
     return tuple, tuple(layouts)
-
-
-_IN_PLACE_FOREACH: dict[Any, bool] = {}
-
-
-def _updates_lists_in_place(func: Any) -> bool:
-    """Whether ``func`` is an ``aten::_foreach_*_`` op: it writes its first list and returns nothing."""
-    known = _IN_PLACE_FOREACH.get(func)
-    if known is None:
-        schema = getattr(func, "_schema", None)
-        first = schema.arguments[0] if schema is not None and schema.arguments else None
-        known = _IN_PLACE_FOREACH[func] = bool(
-            schema is not None and schema.name.startswith("aten::_foreach_") and not schema.returns
-            and first is not None and first.alias_info is not None and first.alias_info.is_write)
-    return known
 
 
 def new_fake_mode() -> MemlintFakeMode:
