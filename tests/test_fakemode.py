@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from test_estimator import small_cnn, tiny_gpt2, workload
+from test_estimator import Lstm, small_cnn, tiny_gpt2, workload
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -155,21 +155,11 @@ class ChannelsLastNet(nn.Module):
         return self.head(self.norm1d(x.flatten(2)).mean(-1))
 
 
-class Recurrent(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lstm = nn.LSTM(16, 32, num_layers=2, batch_first=True, dropout=0.1)
-        self.head = nn.Linear(32, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.lstm(x)[0][:, -1])
-
-
 @pytest.mark.parametrize("build, options, target", [
     (ChannelsLastNet, dict(shape=(3, 12, 12)), "h100-80gb"),
     (ChannelsLastNet, dict(shape=(3, 12, 12), precision="bf16-mixed", optimizer="sgd-momentum"), "cpu:64GiB"),
     (ChannelsLastNet, dict(shape=(3, 12, 12), mode="infer"), "h100-80gb"),
-    (Recurrent, dict(shape=(10, 16)), "h100-80gb"),
+    (lambda: Lstm(layers=2, hidden=32, dropout=0.1), dict(shape=(10, 16)), "h100-80gb"),
     (small_cnn, dict(shape=(3, 16, 16), precision="fp16-mixed"), "h100-80gb"),
     (tiny_gpt2, dict(inputs=lambda b: torch.randint(0, 500, (b, 64))), "h100-80gb"),
     (tiny_gpt2, dict(inputs=lambda b: torch.randint(0, 500, (b, 64)), precision="bf16-mixed"), "cpu:64GiB"),
