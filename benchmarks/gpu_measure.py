@@ -21,7 +21,20 @@ still returns what it measured:
 * ``maxbatch``: the largest batch that runs two SGD steps under a capacity, in steps.json.
 * ``traces.json`` (phase ``trace``): the caching allocator's alloc/free events over one step.
 
-``--second`` measures the second round of held-out models (``HELD_OUT_2``) instead of the first;
+* ``ops.json`` (phase ``ops``): every op of the steps whose records memlint under-estimates most
+  (and of inference forwards), each as [op, allocated before, bytes it returned, bytes it took
+  beyond them while it ran, reserved after, first tensor argument's shape and dtype]: where the
+  peak lies and what is live there.
+* ``rnn.json`` (phase ``rnn``): cuDNN's recurrent kernels, a seeded sweep of LSTM/GRU/RNN shapes:
+  what each ``_cudnn_rnn`` call returns (its reserve for the backward among it) and takes.
+* ``encoder.json`` (phase ``encoder``): ``nn.TransformerEncoderLayer``'s fused inference path.
+* ``oom.json`` (phase ``oom``): the largest-batch records memlint over-estimates, run at the
+  measured and at memlint's batch under the same capacity: the allocator's state where it failed.
+
+``--round N`` measures the N-th round of held-out models (``ROUNDS``) instead of the first: 2, models
+nothing in memlint was designed on, the largest batches of ``MAXBATCH_2``; 3, models written with
+torch.nn alone (cuDNN's recurrent layers, nn.TransformerEncoder) and the step times of ``TIMED_3``; 4,
+recurrent models measured after cuDNN's kernels were modelled from round 3, AlexNet's step times again.
 ``--conv model:batch[:bf16],...`` logs the convolution workspaces of other steps.
 
 ``--device cpu --quick`` runs every code path on tiny batches without CUDA (numbers are zero), to
@@ -87,6 +100,31 @@ HELD_OUT_2 = [
 MAXBATCH_2 = [("resnet34", "4GiB"), ("swin_t", "4GiB"), ("mistral-small", "4GiB"), ("densenet121", "11GiB"),
               ("llama-small", "11GiB")]
 TRACED = [("vit_b_16", 16, "sgd"), ("resnet18", 1, "sgd")]
+# The third round: cuDNN's recurrent kernels and PyTorch's own encoder layer.
+HELD_OUT_3 = [
+    ("lstm-lm", (1, 16, 64), ("adam",)),
+    ("gru-lm", (1, 16, 64), ("adam",)),
+    ("bilstm-tagger", (1, 32, 128), ("adam",)),
+    ("torch-encoder", (1, 16, 64), ("adam",)),
+]
+HELD_OUT_4 = [
+    ("lstm-deep", (1, 16, 64), ("adam",)),
+    ("bigru-tagger", (1, 16, 64), ("adam",)),
+    ("rnn-tanh", (1, 16, 64), ("adam",)),
+]
+TIMED_3 = [("resnet34", 128), ("swin_t", 64), ("mnasnet1_0", 128), ("mistral-small", 16), ("lstm-lm", 64),
+           ("torch-encoder", 64)]
+TIMED_4 = [("alexnet", 128)]
+# (model, batch, optimizer, bf16 autocast, "train" or "infer"): the records furthest below memlint.
+OPS = [("alexnet", 128, "sgd", True, "train"), ("alexnet", 128, "sgd", False, "train"),
+       ("mnasnet1_0", 32, "adam", True, "train"), ("mobilenet_v2", 16, "adam", True, "train"),
+       ("mobilenet_v2", 64, "sgd", True, "train"), ("squeezenet1_0", 1, "sgd", False, "train"),
+       ("resnet18", 1, "sgd", False, "train"), ("resnet34", 1, "sgd", False, "train"),
+       ("resnet50", 16, "adam", True, "train"), ("resnet50", 1, "sgd", False, "infer"),
+       ("resnet50", 16, "sgd", True, "infer"), ("phi-small", 4, "sgd", True, "infer"),
+       ("vgg16", 1, "sgd", False, "infer"), ("bert-base", 1, "sgd", False, "infer")]
+# (model, capacity, batches): the measured largest batch, one above it, and memlint's.
+OOM = [("vgg16", "11GiB", (123, 124, 128)), ("bert-base", "11GiB", (128, 129, 132))]
 # Calibration records measured again: does this machine reproduce the file?
 RECHECK = [("resnet18", 1, "sgd"), ("mobilenet_v2", 1, "sgd"), ("resnet50", 16, "sgd"), ("gpt2", 1, "sgd"),
            ("bert-base", 8, "sgd")]
@@ -99,6 +137,9 @@ CONV_MODELS = [("resnet18", 16), ("resnet50", 16), ("vgg16", 8), ("mobilenet_v2"
 TIMED = [("densenet121", 64), ("efficientnet_b0", 64), ("convnext_tiny", 64), ("vit_b_16", 64),
          ("llama-small", 16), ("opt-125m", 16), ("roberta-base", 32)]
 MAXBATCH = [("densenet121", "4GiB"), ("efficientnet_b0", "4GiB"), ("llama-small", "4GiB"), ("vit_b_16", "4GiB")]
+# Each round: its held-out models, its timed steps, its largest batches.
+ROUNDS = {1: (HELD_OUT, TIMED, MAXBATCH), 2: (HELD_OUT_2, TIMED, MAXBATCH_2), 3: (HELD_OUT_3, TIMED_3, MAXBATCH),
+          4: (HELD_OUT_4, TIMED_4, MAXBATCH)}
 
 
 def device() -> torch.device:
@@ -204,6 +245,8 @@ def ready_to_train(name: str, optimizer_name: str = "sgd") -> tuple[Any, torch.n
 
 
 def time_step(name: str, batch: int, amp: bool) -> dict:
+    clean()
+    base = allocated()
     spec, model, optimizer = ready_to_train(name)
     seconds = []
     for index in range(13):
@@ -215,9 +258,11 @@ def time_step(name: str, batch: int, amp: bool) -> dict:
             torch.cuda.synchronize()
         if index >= 3:
             seconds.append(time.perf_counter() - started)
+    train_peak = peak() - base
     del model, optimizer
     clean()
-    return {"model": name, "batch": batch, "amp": "bf16" if amp else "None", "step_s": statistics.median(seconds)}
+    return {"model": name, "batch": batch, "amp": "bf16" if amp else "None", "step_s": statistics.median(seconds),
+            "train_peak": train_peak}
 
 
 def runs(name: str, batch: int, cap: int) -> bool:
@@ -252,6 +297,35 @@ def max_batch(name: str, cap_name: str, quick: bool) -> dict:
     return {"model": name, "cap": cap_name, "cap_bytes": cap, "optimizer": "sgd", "max_batch": low}
 
 
+def measured_call(func: Any, args: tuple, kwargs: dict) -> tuple[Any, int, int, int]:
+    """Run one op: its result, allocated before it, the bytes it returned, the bytes it took beyond them."""
+    before = allocated()
+    reset_peak()
+    result = func(*args, **kwargs)
+    after = allocated()
+    return result, before, after - before, peak() - after
+
+
+class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every op as [name, allocated before, returned, taken beyond, reserved after, shape, dtype]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[list] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result, before, returned, beyond = measured_call(func, args, kwargs or {})
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        self.ops.append([str(func.overloadpacket.__name__), before, returned, beyond,
+                         torch.cuda.memory_reserved() if CUDA else 0,
+                         list(first.shape) if first is not None else None,
+                         str(first.dtype).removeprefix("torch.") if first is not None else None])
+        return result
+
+    def mark(self, label: str) -> None:
+        self.ops.append([label, allocated()])
+
+
 class ConvWorkspaceLog(torch.utils._python_dispatch.TorchDispatchMode):
     """Bytes each convolution call takes beyond what it returns: cuDNN's workspace."""
 
@@ -263,10 +337,7 @@ class ConvWorkspaceLog(torch.utils._python_dispatch.TorchDispatchMode):
         kwargs = kwargs or {}
         if func not in (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default):
             return func(*args, **kwargs)
-        before = allocated()
-        reset_peak()
-        result = func(*args, **kwargs)
-        after = allocated()
+        result, before, returned, workspace = measured_call(func, args, kwargs)
         x, w = args[0], args[1]
         if func is torch.ops.aten.convolution_backward.default:
             x, w = args[1], args[2]
@@ -277,7 +348,7 @@ class ConvWorkspaceLog(torch.utils._python_dispatch.TorchDispatchMode):
                            "input": list(x.shape), "weight": list(w.shape), "stride": list(stride),
                            "padding": list(padding), "dilation": list(dilation), "groups": groups,
                            "dtype": str(x.dtype).removeprefix("torch."), "before": before,
-                           "returned": after - before, "workspace": peak() - after})
+                           "returned": returned, "workspace": workspace})
         return result
 
 
@@ -311,6 +382,137 @@ def allocation_trace(name: str, batch: int, optimizer_name: str) -> dict:
               "peak_above_base": peak() - base, "events": events}
     del model, optimizer
     clean()
+    return record
+
+
+def op_log(name: str, batch: int, optimizer_name: str, amp: bool, mode: str) -> dict:
+    """Every op of a record's three training steps (or its inference forward), with the protocol's base."""
+    clean()
+    spec = spec_for(name)
+    base = allocated()
+    model = spec.build().to(device())
+    log = OpLog()
+    if mode == "train":
+        factory = OPTIMIZERS[optimizer_name]
+        optimizer = factory(list(model.parameters())) if factory else None
+        with log:
+            for _ in range(3):
+                log.mark("step")
+                training_step(model.train(), spec, batch, optimizer, amp)
+        del optimizer
+    else:
+        model.eval()
+        clean()
+        base = allocated()
+        with torch.no_grad(), torch.device(device()), torch.autocast(device().type, torch.bfloat16, enabled=amp), log:
+            model(spec.example_inputs(batch))
+    record = {"model": name, "batch": batch, "optimizer": optimizer_name, "amp": amp, "mode": mode, "base": base,
+              "peak_above_base": peak_of(log.ops) - base, "ops": log.ops}
+    del model
+    clean()
+    return record
+
+
+def peak_of(ops: list[list]) -> int:
+    """The highest allocation an op log saw: an op's start plus what it returned and took beyond it."""
+    return max((op[1] + op[2] + op[3] for op in ops if len(op) > 2), default=0)
+
+
+def rnn_configs(count: int, seed: int = 0) -> list[dict]:
+    """A seeded sweep over cuDNN's recurrent shapes, padding edges among them."""
+    import random
+
+    draw = random.Random(seed)
+    configs = []
+    for _ in range(count):
+        kind = draw.choice(("LSTM", "LSTM", "GRU", "RNN"))
+        hidden = draw.choice((1, 7, 32, 100, 256, 511, 512, 1024))
+        configs.append({"kind": kind, "input": draw.choice((1, 16, 300, 512)), "hidden": hidden,
+                        "layers": draw.choice((1, 2, 3)), "bidirectional": draw.random() < 0.4,
+                        "seq": draw.choice((1, 5, 50, 200)), "batch": draw.choice((1, 3, 16, 64)),
+                        "proj": draw.choice((0, hidden // 2)) if kind == "LSTM" and hidden > 1 else 0,
+                        "amp": draw.random() < 0.3, "grad": draw.random() < 0.85})
+    return configs
+
+
+def rnn_call(config: dict) -> dict:
+    """One forward (and backward where grad) of a recurrent layer: every op, cuDNN's among them."""
+    clean()
+    kind, extra = config["kind"], {"proj_size": config["proj"]} if config["proj"] else {}
+    with torch.device(device()):
+        layer = getattr(torch.nn, kind)(config["input"], config["hidden"], config["layers"], batch_first=True,
+                                        bidirectional=config["bidirectional"], **extra)
+        x = torch.randn(config["batch"], config["seq"], config["input"], requires_grad=config["grad"])
+    base = allocated()
+    log = OpLog()
+    with torch.set_grad_enabled(config["grad"]), torch.autocast(device().type, torch.bfloat16,
+                                                                 enabled=config["amp"]), log:
+        out = layer(x)[0]
+        if config["grad"]:
+            out.float().sum().backward()
+    del layer, x, out
+    clean()
+    # Off cuDNN (the CPU, a script test) GRU and RNN unroll into thousands of small ops: keep the layer's own.
+    return {**config, "base": base, "peak_above_base": peak_of(log.ops) - base,
+            "ops": [op for op in log.ops if "rnn" in op[0] or "lstm" in op[0] or "gru" in op[0]]}
+
+
+ENCODER_CONFIGS = [
+    {"width": 512, "heads": 8, "ff": 2048, "batch": 16, "seq": 128, "norm_first": False, "mask": False},
+    {"width": 512, "heads": 8, "ff": 2048, "batch": 16, "seq": 128, "norm_first": True, "mask": False},
+    {"width": 768, "heads": 12, "ff": 3072, "batch": 8, "seq": 512, "norm_first": False, "mask": False},
+    {"width": 256, "heads": 4, "ff": 1024, "batch": 64, "seq": 64, "norm_first": False, "mask": True},
+    {"width": 1024, "heads": 16, "ff": 4096, "batch": 4, "seq": 256, "norm_first": False, "mask": False},
+]
+
+
+def encoder_inference(config: dict) -> dict:
+    """nn.TransformerEncoderLayer in eval without autograd: PyTorch's fused path, op by op."""
+    clean()
+    with torch.device(device()):
+        layer = torch.nn.TransformerEncoderLayer(config["width"], config["heads"], config["ff"], batch_first=True,
+                                                 norm_first=config["norm_first"]).eval()
+        x = torch.randn(config["batch"], config["seq"], config["width"])
+        mask = torch.zeros(config["batch"], config["seq"], dtype=torch.bool) if config["mask"] else None
+        if mask is not None:
+            mask[:, config["seq"] // 2:] = True
+    clean()
+    base = allocated()
+    log = OpLog()
+    with torch.no_grad(), log:
+        out = layer(x, src_key_padding_mask=mask)
+    record = {**config, "base": base, "peak_above_base": peak() - base, "output_nested": out.is_nested,
+              "ops": log.ops}
+    del layer, x, mask, out
+    clean()
+    return record
+
+
+def oom_diagnosis(name: str, cap_name: str, batch: int) -> dict:
+    """Two SGD steps at one batch under the capacity, op by op: where they fail, or their peaks."""
+    cap = int(cap_name.removesuffix("GiB")) << 30
+    if CUDA:
+        torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+    log, model, optimizer = OpLog(), None, None
+    record: dict[str, Any] = {"model": name, "cap": cap_name, "batch": batch}
+    try:
+        spec, model, optimizer = ready_to_train(name)
+        record["base"] = allocated()
+        with log:
+            for _ in range(2):
+                log.mark("step")
+                training_step(model, spec, batch, optimizer, False)
+        record["ran"] = True
+    except torch.OutOfMemoryError as exc:
+        record.update(ran=False, error=str(exc)[:400])
+    stats = torch.cuda.memory_stats() if CUDA else {}
+    record["stats"] = {k: v for k, v in stats.items() if k.endswith(".all.peak") or k.endswith(".all.current")
+                       or k in ("num_alloc_retries", "num_ooms")}
+    record["ops"] = log.ops
+    del model, optimizer, log
+    clean()
+    if CUDA:
+        torch.cuda.set_per_process_memory_fraction(1.0)
     return record
 
 
@@ -369,7 +571,7 @@ def record_all(out: Path, filename: str, key: str, jobs: list[tuple[Callable, tu
             clean()
         data[key].append(result)
         (out / filename).write_text(json.dumps(data, indent=1))
-        summary = {k: v for k, v in result.items() if k not in ("calls", "train_peaks")}
+        summary = {k: v for k, v in result.items() if k not in ("calls", "train_peaks", "ops")}
         print(f"{key} {time.perf_counter() - started:5.1f}s {summary}", flush=True)
 
 
@@ -378,13 +580,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--quick", action="store_true", help="tiny batches, a few models: test the script")
     parser.add_argument("--phases", default="probe,steps,conv,fresh,times,maxbatch")
-    parser.add_argument("--second", action="store_true", help="the second round: other held-out models, traces")
+    parser.add_argument("--round", type=int, choices=sorted(ROUNDS), default=1, help="which held-out round")
     parser.add_argument("--conv", help="conv phase jobs instead of the default ones: model:batch[:bf16],...")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     phases = args.phases.split(",")
     shrink: Callable[[int], int] = (lambda b: min(b, 2)) if args.quick else (lambda b: b)
-    held_out = HELD_OUT_2 if args.second else HELD_OUT
+    held_out, timed, caps = ROUNDS[args.round]
     held_out = held_out[::5] if args.quick else held_out
     if "probe" in phases:
         record_all(args.out, "probe.json", "probe", [(in_child, ("probe",))], {})
@@ -411,13 +613,25 @@ def main() -> int:
         jobs = [(in_child, ("fresh", m, shrink(b), o)) for m, b, o in FRESH[: 1 if args.quick else None]]
         record_all(args.out, "steps.json", "fresh", jobs, data)
     if "times" in phases:
-        jobs = [(time_step, (m, shrink(b), amp)) for m, b in TIMED[: 1 if args.quick else None] for amp in (False, True)]
-        record_all(args.out, "steps.json", "times", jobs, data)
+        jobs = [(time_step, (m, shrink(b), amp)) for m, b in timed[: 1 if args.quick else None] for amp in (False, True)]
+        record_all(args.out, "steps.json", "step_times", jobs, data)
     if "trace" in phases:
         jobs = [(allocation_trace, (m, shrink(b), o)) for m, b, o in TRACED[: 1 if args.quick else None]]
         record_all(args.out, "traces.json", "traces", jobs, {"env": data["env"]})
+    if "ops" in phases:
+        jobs = [(op_log, (m, shrink(b), o, amp, mode)) for m, b, o, amp, mode in OPS[:: 5 if args.quick else 1]]
+        record_all(args.out, "ops.json", "ops", jobs, {"env": data["env"]})
+    if "rnn" in phases:
+        configs = rnn_configs(6 if args.quick else 160)
+        record_all(args.out, "rnn.json", "rnn", [(rnn_call, (c,)) for c in configs], {"env": data["env"]})
+    if "encoder" in phases:
+        jobs = [(encoder_inference, (c,)) for c in ENCODER_CONFIGS[: 1 if args.quick else None]]
+        record_all(args.out, "encoder.json", "encoder", jobs, {"env": data["env"]})
+    if "oom" in phases:
+        jobs = [(oom_diagnosis, (m, cap, shrink(b))) for m, cap, batches in OOM[: 1 if args.quick else None]
+                for b in batches]
+        record_all(args.out, "oom.json", "oom", jobs, {"env": data["env"]})
     if "maxbatch" in phases:
-        caps = MAXBATCH_2 if args.second else MAXBATCH
         jobs = [(max_batch, (m, cap, args.quick)) for m, cap in caps[: 1 if args.quick else None]]
         record_all(args.out, "steps.json", "maxbatch", jobs, data)
     return 0

@@ -48,6 +48,19 @@ TRANSFORMERS = {
 }
 SEQUENCE = {name: entry[4] for name, entry in TRANSFORMERS.items() if entry[4]}
 
+# Models written with torch.nn alone (cuDNN's recurrent kernels, PyTorch's fused encoder layer):
+# (kind, width, layers, bidirectional, sequence).
+NATIVE = {
+    "lstm-lm": ("LSTM", 512, 2, False, 128),
+    "gru-lm": ("GRU", 512, 2, False, 128),
+    "bilstm-tagger": ("LSTM", 384, 1, True, 64),
+    "torch-encoder": ("encoder", 512, 6, False, 128),
+    "lstm-deep": ("LSTM", 1024, 3, False, 64),
+    "bigru-tagger": ("GRU", 256, 2, True, 256),
+    "rnn-tanh": ("RNN", 768, 2, False, 100),
+}
+VOCABULARY = 10000
+
 
 @dataclass
 class Spec:
@@ -111,7 +124,33 @@ def _transformer(name: str, checkpointing: bool = False) -> torch.nn.Module:
     return model
 
 
+class _NativeModel(torch.nn.Module):
+    """Token ids -> embedding -> a recurrent stack or nn.TransformerEncoder -> per-token logits."""
+
+    def __init__(self, kind: str, width: int, layers: int, bidirectional: bool) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(VOCABULARY, width)
+        if kind == "encoder":
+            layer = torch.nn.TransformerEncoderLayer(width, 8, 4 * width, batch_first=True)
+            self.body: torch.nn.Module = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        else:
+            self.body = getattr(torch.nn, kind)(width, width, layers, batch_first=True, bidirectional=bidirectional)
+        self.head = torch.nn.Linear(width * (2 if bidirectional else 1), VOCABULARY)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        hidden = self.body(self.embed(ids))
+        return self.head(hidden[0] if isinstance(hidden, tuple) else hidden)
+
+
+def _token_loss(output: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(output.flatten(0, 1).float(), ids.flatten())
+
+
 def spec_for(model: str, seq: int | None = None, checkpointing: bool = False) -> Spec:
+    if model in NATIVE:
+        kind, width, layers, bidirectional, length = NATIVE[model]
+        return Spec(model, functools.partial(_NativeModel, kind, width, layers, bidirectional),
+                    functools.partial(_ids, seq or length), _token_loss)
     if model in IMAGE_MODELS:
         return Spec(model, functools.partial(_torchvision, model, checkpointing), _image_inputs, _image_loss)
     task = TRANSFORMERS[model][3]

@@ -47,6 +47,10 @@ FP32_VIA_DTYPE: set[Callable] = {
     T.cumsum, torch.cumprod, T.cumprod, torch.prod, T.prod,
 }
 
+# cuDNN's recurrent layers run in fp16 under autocast whatever its dtype, on weights copied into a
+# new fp16 buffer at every call (``_cudnn_rnn_cast_reflatten`` in aten/src/ATen/cudnn/AutocastRNN.cpp).
+FP16_ALWAYS: set[Callable] = {torch._VF.lstm, torch._VF.gru, torch._VF.rnn_tanh, torch._VF.rnn_relu}
+
 # Ops that cast all inputs to the widest floating type among them (the "promote" policy).
 PROMOTE: set[Callable] = {torch.cat, torch.stack, torch.addcmul, torch.addcdiv, torch.index_put, torch.scatter_add}
 
@@ -67,10 +71,10 @@ class CudaAutocastMode(SeeThroughMode):
         self.cache.clear()  # autocast clears its cast cache when the outermost region exits
         return super().__exit__(*exc)
 
-    def _cast(self, value: Any, dtype: torch.dtype) -> Any:
+    def _cast(self, value: Any, dtype: torch.dtype, cache: bool = True) -> Any:
         if not _eligible(value) or value.dtype == dtype:
             return value
-        cacheable = dtype == self.dtype and value.is_leaf and value.requires_grad
+        cacheable = cache and dtype == self.dtype and value.is_leaf and value.requires_grad
         if cacheable and id(value) in self.cache:
             return self.cache[id(value)]
         cast = value.to(dtype)
@@ -84,6 +88,8 @@ class CudaAutocastMode(SeeThroughMode):
             args, kwargs = tree_map(lambda v: self._cast(v, self.dtype), (args, kwargs))
         elif func in FP32:
             args, kwargs = tree_map(lambda v: self._cast(v, torch.float32), (args, kwargs))
+        elif func in FP16_ALWAYS:
+            args, kwargs = tree_map(lambda v: self._cast(v, torch.float16, cache=False), (args, kwargs))
         elif func in FP32_VIA_DTYPE and kwargs.get("dtype") is None and args and _eligible(args[0]):
             kwargs = {**kwargs, "dtype": torch.float32}
         elif func in PROMOTE:

@@ -17,10 +17,19 @@ tensors run the CPU's own kernels, as the real step does):
   layer, in bf16 none).
 * ``dropout``: CUDA runs the fused ``native_dropout`` kernel, which saves a 1-byte bool mask;
   the CPU path (``_dropout_impl`` in Dropout.cpp) saves a mask of the input's dtype.
+* ``linear`` on a non-contiguous input of 3 or more dimensions (a permuted ``(B, H, W, C)`` map):
+  ``at::linear`` (aten/src/ATen/native/Linear.cpp) multiplies, then adds the bias in place; it adds
+  out of place only for a tensor subclass, which a fake tensor is, so the simulation would hold a
+  second output while the add runs.
+* ``nn.LSTM``, ``nn.GRU``, ``nn.RNN`` on padded (not packed) sequences: CUDA runs cuDNN
+  (``_cudnn_rnn`` in aten/src/ATen/native/cudnn/RNN.cpp), which keeps one *reserve* buffer for the
+  backward in place of the CPU's per-layer saved tensors, and borrows a workspace while it runs. See
+  ``_CudnnRnn`` for what was measured.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -104,6 +113,122 @@ def _gpu_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inp
     return torch.ops.aten.native_dropout(input, p, True)[0]
 
 
+def _gpu_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if bias is None or input.dim() <= 2 or input.is_contiguous():
+        return F.linear(input, weight, bias)
+    return torch.matmul(input, weight.t()).add_(bias)
+
+
+# The functions that nn.LSTM, nn.GRU and nn.RNN call, and the gates of their cells.
+RNN_GATES = {torch._VF.lstm: 4, torch._VF.gru: 3, torch._VF.rnn_tanh: 1, torch._VF.rnn_relu: 1}
+# The reserve space per layer, direction, step and sample, in hidden widths (see _CudnnRnn).
+RESERVE_WIDTHS_PER_LAYER = {4: 6, 3: 7, 1: 2}
+CUDNN_RNN_WORKSPACE_PER_LAYER = 8 << 20
+
+
+@dataclass(frozen=True)
+class RnnShape:
+    """One cuDNN recurrent call: gates per cell, layers, directions, widths, layout, training mode."""
+
+    gates: int
+    layers: int
+    directions: int
+    hidden: int
+    out: int  # the projection's width where an LSTM has one, else hidden
+    batch_first: bool
+    train: bool
+
+    def reserve_elements(self, steps: int, batch: int) -> int:
+        """cuDNN's reserve, measured on an H200 (cuDNN 9.19) for 137 training calls of the sweep in
+        benchmarks/measurements/h200_2026-11-26d_rnn.json, every one equal up to the allocator's
+        rounding: per layer and direction a fixed number of hidden-width vectors per step and
+        sample (LSTM 6, GRU 7, RNN 2) less one for the last layer, whose output is the returned
+        output; an LSTM with a projection keeps 6 hidden and one projected vector per layer, and two
+        projected vectors more per layer after the first."""
+        if self.out != self.hidden:
+            widths = self.layers * (6 * self.hidden + self.out) + 2 * (self.layers - 1) * self.out
+        else:
+            widths = (RESERVE_WIDTHS_PER_LAYER[self.gates] * self.layers - 1) * self.hidden
+        return self.directions * steps * batch * widths
+
+    def workspace_bytes(self, weights: list[torch.Tensor], steps: int, batch: int, width: int, size: int) -> int:
+        """cuDNN's workspace, which it borrows for the call: 8 MiB per layer and direction (no call of the
+        sweep took less), about one copy of the weights (what calls with few steps and samples took
+        beyond that), and per step, sample and direction 5 hidden-width and 3 input-width vectors.
+        The last two are a least-squares fit to the sweep's 160 forward calls, not a rule of cuDNN's:
+        modelled/measured median 1.00, 10th percentile 0.91, worst 0.49 (a 7-wide LSTM reading 512-wide
+        inputs); the 138 backward calls, each of whose two passes borrows as much, median 1.00, 10th
+        percentile 0.91."""
+        vectors = 5 * self.hidden + 3 * width
+        return CUDNN_RNN_WORKSPACE_PER_LAYER * self.layers * self.directions + \
+            sum(w.numel() * w.element_size() for w in weights) + steps * batch * self.directions * vectors * size
+
+
+class _CudnnRnn(torch.autograd.Function):
+    """Allocates and saves what ``_cudnn_rnn`` and ``_cudnn_rnn_backward`` do.
+
+    Forward: the time-major contiguous copy of a batch-first input, the output (time-major, returned
+    as a batch-first view), ``hy`` and ``cy``, the workspace, and in training the reserve; the copy
+    and the workspace are freed on return. It saves the input, the initial states, the output, the
+    reserve and the weights. Backward: the data pass (copies of the input and the output gradient,
+    the input and state gradients, a workspace), then the weight pass, whose gradients are views of
+    one flat buffer laid out as the weights are.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, shape: RnnShape, input: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor | None,
+                *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        time_major = input.transpose(0, 1) if shape.batch_first else input
+        steps, batch = time_major.shape[:2]
+        staged = time_major.contiguous()
+        output = input.new_empty((steps, batch, shape.directions * shape.out))
+        states = [h0.new_empty(h0.shape), *(() if c0 is None else (c0.new_empty(c0.shape),))]
+        workspace = input.new_empty(shape.workspace_bytes(list(weights), steps, batch, input.shape[-1],
+                                                           input.element_size()), dtype=torch.uint8)
+        reserve = input.new_empty(shape.reserve_elements(steps, batch)) if shape.train else None
+        del staged, workspace
+        output = output.transpose(0, 1) if shape.batch_first else output
+        ctx.shape = shape
+        ctx.save_for_backward(input, h0, c0, output, reserve, *weights)
+        return (output, *states)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        input, h0, c0, output, _reserve, *weights = ctx.saved_tensors
+        shape: RnnShape = ctx.shape
+        time_major = input.transpose(0, 1) if shape.batch_first else input
+        staged = [time_major.contiguous(), _time_major_copy(grads[0], output, shape.batch_first)]
+        borrowed = shape.workspace_bytes(weights, *time_major.shape[:2], input.shape[-1], input.element_size())
+        workspace = input.new_empty(borrowed, dtype=torch.uint8)
+        state_grads = [h0.new_empty(h0.shape), None if c0 is None else c0.new_empty(c0.shape)]
+        input_grad = input.new_empty(input.shape)
+        del workspace
+        flat = weights[0].new_zeros(sum(w.numel() for w in weights))
+        workspace = input.new_empty(borrowed, dtype=torch.uint8)
+        del workspace, staged
+        weight_grads, offset = [], 0
+        for weight in weights:
+            weight_grads.append(flat[offset:offset + weight.numel()].view(weight.shape))
+            offset += weight.numel()
+        return (None, input_grad, *state_grads, *weight_grads)
+
+
+def _time_major_copy(grad: torch.Tensor | None, output: torch.Tensor, batch_first: bool) -> torch.Tensor:
+    """The output gradient as the backward kernel reads it (zeros where the output was not used)."""
+    if grad is None:
+        return output.new_zeros(output.shape)
+    return grad.transpose(0, 1).contiguous() if batch_first else grad.contiguous()
+
+
+def _gpu_rnn(func: Any, input: torch.Tensor, hx: Any, params: list[torch.Tensor], has_biases: bool,
+             num_layers: int, dropout: float, train: bool, bidirectional: bool, batch_first: bool) -> tuple:
+    lstm = func is torch._VF.lstm
+    h0, c0 = hx if lstm else (hx, None)
+    shape = RnnShape(RNN_GATES[func], num_layers, 2 if bidirectional else 1, (c0 if lstm else h0).shape[-1],
+                     h0.shape[-1], batch_first, train)
+    return _CudnnRnn.apply(shape, input, h0, c0, *params)
+
+
 class GpuKernelMode(SeeThroughMode):
     """Routes the functions above to their CUDA-kernel stand-ins during a simulation for a GPU target."""
 
@@ -113,4 +238,8 @@ class GpuKernelMode(SeeThroughMode):
             return _gpu_sdpa(*args, **kwargs)
         if func is F.dropout or func is torch.dropout:
             return _gpu_dropout(*args, **kwargs)
+        if func is F.linear:
+            return _gpu_linear(*args, **kwargs)
+        if func in RNN_GATES and isinstance(args[2], list):  # the padded form; packed sequences run as on the CPU
+            return _gpu_rnn(func, *args, **kwargs)
         return self.call(func, args, kwargs)

@@ -538,8 +538,9 @@ def _one_iteration(model: torch.nn.Module, plan: StepPlan, tracker: StorageTrack
         output = model(*args, **kwargs)
         tracker.phase = "loss"
         loss = plan.loss_fn(output, args, kwargs)
-    # As in `loss = loss_fn(model(x), y); loss.backward()`: the output is not held across backward.
-    del output, args, kwargs
+    # As in `for x, y in loader: loss = loss_fn(model(x), y); loss.backward(); ...`: the batch is held
+    # until the step ends (it is freed when this function returns), the output is not.
+    del output
     tracker.phase = "backward"
     loss.backward()
     del loss

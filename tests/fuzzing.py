@@ -364,7 +364,7 @@ def real_step_peak(build: Any, make_inputs: Any, loss_fn: Any, iterations: int =
     """Peak live bytes of ``iterations`` real steps, as memlint simulates them (see the module docstring).
 
     ``make_inputs()`` gives a step's ``(args, kwargs)`` and ``loss_fn(output, args, kwargs)`` its loss;
-    neither the output nor the inputs are held across backward. With ``autocast_dtype`` the forward
+    the inputs are held until the step ends, the output is not held across backward. With ``autocast_dtype`` the forward
     and the loss run under the CPU's autocast (a mixed-precision step on a host). Not ``train``: one
     forward in eval mode without autograd, as ``--mode infer``. The optimizer is Adam unless
     ``optimizer_factory(params)`` makes another.
@@ -392,11 +392,11 @@ def real_step_peak(build: Any, make_inputs: Any, loss_fn: Any, iterations: int =
             args, kwargs = make_inputs()
             with autocast():
                 loss = loss_fn(model(*args, **kwargs), args, kwargs)
-            del args, kwargs
             loss.backward()
             del loss
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            del args, kwargs
     return tracker.peak
 
 

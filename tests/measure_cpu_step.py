@@ -38,11 +38,12 @@ def main() -> None:
     model = module.build_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
     for _ in range(3):
-        loss = model(module.example_inputs(batch)).mean()
+        inputs = module.example_inputs(batch)  # held until the step ends, as `for x in loader:` holds it
+        loss = model(inputs).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        del loss
+        del loss, inputs
     print(vm("VmHWM") - baseline)
 
 
