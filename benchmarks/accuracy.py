@@ -41,32 +41,41 @@ def record_files(shared: list[Path], sources: str) -> Iterator[Path]:
 
 
 def records(calibration: Path, sources: str = "all") -> Iterator[dict[str, Any]]:
-    """Every training-peak record, normalised to model/batch/optimizer/precision/seq/checkpointing/measured."""
+    """Every training-peak record, normalised to model/batch/optimizer/precision/seq/checkpointing/measured,
+    with the file it came from (``source``) and, where the file says a model ran other code than the
+    installed libraries build (``not_comparable``), why."""
     for file in record_files([calibration / "h200_public.json", calibration / "h200_public_more.json"], sources):
-        data = json.loads(file.read_text())
-        # The calibration's inputs existed before its inference baseline; gpu_measure.py creates them
-        # after it, so its infer_peak_delta holds them (the files say so).
-        inputs_in_delta = data.get("infer_peak_delta_includes_inputs", False)
-        for record in [*data.get("steps", []), *data.get("fresh", [])]:
-            yield {"set": "fresh" if record.get("fresh_process") else "steps", "model": record["model"],
-                   "batch": record["batch"], "optimizer": record["optimizer"],
-                   "precision": "bf16-mixed" if record.get("amp") else "fp32", "measured": record["train_peak"],
-                   "infer": record.get("infer_peak_delta"), "infer_includes_inputs": inputs_in_delta,
-                   "param_bytes": record.get("param_bytes"), "buffer_bytes": record.get("buffer_bytes")}
-        for record in data.get("times", []):
-            yield {"set": "times", "model": record["model"], "batch": record["batch"], "optimizer": "sgd",
-                   "precision": "bf16-mixed" if record["amp"] != "None" else "fp32", "measured": record["train_peak"]}
-        for record in data.get("ckpt", []):
-            yield {"set": "ckpt", "model": record["model"], "batch": record["batch"], "optimizer": "sgd",
-                   "precision": "fp32", "checkpointing": True, "measured": record["train_peak"]}
-        for record in data.get("seq", []):
-            yield {"set": "seq", "model": record["model"], "batch": record["batch"], "optimizer": "sgd",
-                   "precision": "fp32", "seq": record["seq"], "measured": record["train_peak"]}
-        for record in data.get("opt", []):
-            amp = record.get("amp")
-            yield {"set": "opt", "model": record["model"], "batch": record["batch"],
-                   "optimizer": record["optimizer"], "precision": "fp16-mixed" if amp else "fp32",
-                   "measured": record["train_peak"], **({"seq": 512} if record["model"] == "gpt2" else {})}
+        reasons = json.loads(file.read_text()).get("not_comparable", {})
+        for record in _file_records(file):
+            yield {**record, "source": file.stem, "not_comparable": reasons.get(record["model"])}
+
+
+def _file_records(file: Path) -> Iterator[dict[str, Any]]:
+    """One file's records, normalised (see ``records``)."""
+    data = json.loads(file.read_text())
+    # The calibration's inputs existed before its inference baseline; gpu_measure.py creates them
+    # after it, so its infer_peak_delta holds them (the files say so).
+    inputs_in_delta = data.get("infer_peak_delta_includes_inputs", False)
+    for record in [*data.get("steps", []), *data.get("fresh", [])]:
+        yield {"set": "fresh" if record.get("fresh_process") else "steps", "model": record["model"],
+               "batch": record["batch"], "optimizer": record["optimizer"],
+               "precision": "bf16-mixed" if record.get("amp") else "fp32", "measured": record["train_peak"],
+               "infer": record.get("infer_peak_delta"), "infer_includes_inputs": inputs_in_delta,
+               "param_bytes": record.get("param_bytes"), "buffer_bytes": record.get("buffer_bytes")}
+    for record in data.get("times", []):
+        yield {"set": "times", "model": record["model"], "batch": record["batch"], "optimizer": "sgd",
+               "precision": "bf16-mixed" if record["amp"] != "None" else "fp32", "measured": record["train_peak"]}
+    for record in data.get("ckpt", []):
+        yield {"set": "ckpt", "model": record["model"], "batch": record["batch"], "optimizer": "sgd",
+               "precision": "fp32", "checkpointing": True, "measured": record["train_peak"]}
+    for record in data.get("seq", []):
+        yield {"set": "seq", "model": record["model"], "batch": record["batch"], "optimizer": "sgd",
+               "precision": "fp32", "seq": record["seq"], "measured": record["train_peak"]}
+    for record in data.get("opt", []):
+        amp = record.get("amp")
+        yield {"set": "opt", "model": record["model"], "batch": record["batch"],
+               "optimizer": record["optimizer"], "precision": "fp16-mixed" if amp else "fp32",
+               "measured": record["train_peak"], **({"seq": 512} if record["model"] == "gpt2" else {})}
 
 
 def estimate(record: dict[str, Any], target: str = "h200") -> int:
@@ -186,9 +195,10 @@ def print_inference(args: argparse.Namespace, have_vision: bool) -> None:
         seen.add(key)
         estimated = estimate_inference(record)
         err = error(estimated, record["infer"])
-        errors.append(err)
+        if not record["not_comparable"]:
+            errors.append(err)
         print(f"{record['model']:<20}{record['batch']:>6}  {record['precision']:<11}{record['infer'] / 1e6:>12.1f}"
-              f"{estimated / 1e6:>12.1f}{err:>+8.1%}")
+              f"{estimated / 1e6:>12.1f}{err:>+8.1%}" + ("  (not comparable, not judged)" if record["not_comparable"] else ""))
     print(summary("inference", errors))
 
 
@@ -212,6 +222,8 @@ def print_training(args: argparse.Namespace, have_vision: bool) -> int:
     if args.peers:
         columns += ["MemTracker GB", "err", "torchinfo GB", "err"]
     rows, results = [], {"memlint": [], "MemTracker": [], "torchinfo": []}
+    by_source: dict[str, list[float]] = {}
+    not_comparable: dict[str, str] = {}
     skipped = 0
     for record in records(args.calibration, args.records):
         if args.only and record["model"] != args.only:
@@ -228,9 +240,14 @@ def print_training(args: argparse.Namespace, have_vision: bool) -> int:
             continue
         seconds = time.perf_counter() - started
         err = error(estimated, record["measured"])
-        results["memlint"].append(err)
         label = record["model"] + (f"@{record['seq']}" if record.get("seq") else "") + \
             (" ckpt" if record.get("checkpointing") else "")
+        if record["not_comparable"]:  # printed, not judged: the GPU ran other model code
+            label += " (not comparable)"
+            not_comparable[record["model"]] = record["not_comparable"]
+        else:
+            results["memlint"].append(err)
+            by_source.setdefault(record["source"], []).append(err)
         row = [record["set"], label, str(record["batch"]), record["optimizer"], record["precision"],
                f"{record['measured'] / 1e9:.3f}", f"{estimated / 1e9:.3f}", f"{err:+.1%}"]
         if args.peers:
@@ -261,6 +278,10 @@ def print_training(args: argparse.Namespace, have_vision: bool) -> int:
     for name, errors in results.items():
         if name == "memlint" or args.peers:
             print(summary(name, errors))
+    for source, errors in by_source.items():
+        print(summary(f"memlint, {source}", errors))
+    for model, reason in not_comparable.items():
+        print(f"not judged: {model}: {reason}")
     return skipped
 
 

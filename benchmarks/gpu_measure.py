@@ -27,6 +27,7 @@ still returns what it measured:
   peak lies and what is live there.
 * ``rnn.json`` (phase ``rnn``): cuDNN's recurrent kernels, a seeded sweep of LSTM/GRU/RNN shapes:
   what each ``_cudnn_rnn`` call returns (its reserve for the backward among it) and takes.
+* ``rnn_infer.json`` (phase ``rnn_infer``): the same for layers in eval mode without autograd.
 * ``encoder.json`` (phase ``encoder``): ``nn.TransformerEncoderLayer``'s fused inference path.
 * ``oom.json`` (phase ``oom``): the largest-batch records memlint over-estimates, run at the
   measured and at memlint's batch under the same capacity: the allocator's state where it failed.
@@ -112,6 +113,10 @@ HELD_OUT_4 = [
     ("bigru-tagger", (1, 16, 64), ("adam",)),
     ("rnn-tanh", (1, 16, 64), ("adam",)),
 ]
+HELD_OUT_5 = [(name, batches, ("adam",)) for name, batches in (
+    ("deberta-small", (8, 32)), ("gptneox-small", (4, 16)), ("falcon-small", (4, 16)), ("qwen3-small", (4, 16)),
+    ("gemma2-small", (4, 16)), ("stablelm-small", (4, 16)), ("swin-hf", (16, 64)), ("convnext-hf", (16, 64)),
+    ("segformer-b0", (16, 64)), ("deit-hf", (16, 64)))]
 TIMED_3 = [("resnet34", 128), ("swin_t", 64), ("mnasnet1_0", 128), ("mistral-small", 16), ("lstm-lm", 64),
            ("torch-encoder", 64)]
 TIMED_4 = [("alexnet", 128)]
@@ -139,7 +144,7 @@ TIMED = [("densenet121", 64), ("efficientnet_b0", 64), ("convnext_tiny", 64), ("
 MAXBATCH = [("densenet121", "4GiB"), ("efficientnet_b0", "4GiB"), ("llama-small", "4GiB"), ("vit_b_16", "4GiB")]
 # Each round: its held-out models, its timed steps, its largest batches.
 ROUNDS = {1: (HELD_OUT, TIMED, MAXBATCH), 2: (HELD_OUT_2, TIMED, MAXBATCH_2), 3: (HELD_OUT_3, TIMED_3, MAXBATCH),
-          4: (HELD_OUT_4, TIMED_4, MAXBATCH)}
+          4: (HELD_OUT_4, TIMED_4, MAXBATCH), 5: (HELD_OUT_5, TIMED_4, MAXBATCH)}
 
 
 def device() -> torch.device:
@@ -167,13 +172,24 @@ def clean() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def _version_of(package: str) -> str | None:
+    """A library's version: model code changes between versions (Gemma2's attention did)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def warm_up() -> dict[str, Any]:
     """The protocol's env step: one matmul and one conv load cuBLAS and cuDNN before any record; a
     backward through a linear layer gives autograd's thread its cuBLAS workspace too, so that every
     record's base holds both (in the first round, the first record's did not)."""
     env: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda,
                            "cudnn": torch.backends.cudnn.version() if CUDA else None,
-                           "gpu": torch.cuda.get_device_name() if CUDA else "cpu"}
+                           "gpu": torch.cuda.get_device_name() if CUDA else "cpu",
+                           "transformers": _version_of("transformers"), "torchvision": _version_of("torchvision")}
     with torch.device(device()):
         a = torch.randn(256, 256)
         (a @ a).sum().item()
@@ -418,8 +434,9 @@ def peak_of(ops: list[list]) -> int:
     return max((op[1] + op[2] + op[3] for op in ops if len(op) > 2), default=0)
 
 
-def rnn_configs(count: int, seed: int = 0) -> list[dict]:
-    """A seeded sweep over cuDNN's recurrent shapes, padding edges among them."""
+def rnn_configs(count: int, seed: int = 0, inference: bool = False) -> list[dict]:
+    """A seeded sweep over cuDNN's recurrent shapes, padding edges among them; ``inference``: the
+    layers in eval mode without autograd, as ``--mode infer`` runs them."""
     import random
 
     draw = random.Random(seed)
@@ -432,6 +449,8 @@ def rnn_configs(count: int, seed: int = 0) -> list[dict]:
                         "seq": draw.choice((1, 5, 50, 200)), "batch": draw.choice((1, 3, 16, 64)),
                         "proj": draw.choice((0, hidden // 2)) if kind == "LSTM" and hidden > 1 else 0,
                         "amp": draw.random() < 0.3, "grad": draw.random() < 0.85})
+        if inference:
+            configs[-1].update(grad=False, eval=True)
     return configs
 
 
@@ -441,7 +460,7 @@ def rnn_call(config: dict) -> dict:
     kind, extra = config["kind"], {"proj_size": config["proj"]} if config["proj"] else {}
     with torch.device(device()):
         layer = getattr(torch.nn, kind)(config["input"], config["hidden"], config["layers"], batch_first=True,
-                                        bidirectional=config["bidirectional"], **extra)
+                                        bidirectional=config["bidirectional"], **extra).train(not config.get("eval"))
         x = torch.randn(config["batch"], config["seq"], config["input"], requires_grad=config["grad"])
     base = allocated()
     log = OpLog()
@@ -582,6 +601,7 @@ def main() -> int:
     parser.add_argument("--phases", default="probe,steps,conv,fresh,times,maxbatch")
     parser.add_argument("--round", type=int, choices=sorted(ROUNDS), default=1, help="which held-out round")
     parser.add_argument("--conv", help="conv phase jobs instead of the default ones: model:batch[:bf16],...")
+    parser.add_argument("--ops", help="ops phase jobs instead of OPS: model:batch:optimizer:fp32|bf16:train|infer,...")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     phases = args.phases.split(",")
@@ -619,11 +639,16 @@ def main() -> int:
         jobs = [(allocation_trace, (m, shrink(b), o)) for m, b, o in TRACED[: 1 if args.quick else None]]
         record_all(args.out, "traces.json", "traces", jobs, {"env": data["env"]})
     if "ops" in phases:
-        jobs = [(op_log, (m, shrink(b), o, amp, mode)) for m, b, o, amp, mode in OPS[:: 5 if args.quick else 1]]
+        chosen = [(m, int(b), o, amp == "bf16", mode) for m, b, o, amp, mode in
+                  (job.split(":") for job in args.ops.split(","))] if args.ops else OPS
+        jobs = [(op_log, (m, shrink(b), o, amp, mode)) for m, b, o, amp, mode in chosen[:: 5 if args.quick else 1]]
         record_all(args.out, "ops.json", "ops", jobs, {"env": data["env"]})
     if "rnn" in phases:
         configs = rnn_configs(6 if args.quick else 160)
         record_all(args.out, "rnn.json", "rnn", [(rnn_call, (c,)) for c in configs], {"env": data["env"]})
+    if "rnn_infer" in phases:
+        configs = rnn_configs(6 if args.quick else 80, seed=1, inference=True)
+        record_all(args.out, "rnn_infer.json", "rnn_infer", [(rnn_call, (c,)) for c in configs], {"env": data["env"]})
     if "encoder" in phases:
         jobs = [(encoder_inference, (c,)) for c in ENCODER_CONFIGS[: 1 if args.quick else None]]
         record_all(args.out, "encoder.json", "encoder", jobs, {"env": data["env"]})

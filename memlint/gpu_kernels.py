@@ -85,18 +85,27 @@ def _expand_heads(query: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
 EFFICIENT_ATTENTION_TAKES_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 14)
 
 
-def _fused_kernel_takes(query: torch.Tensor, key: torch.Tensor, attn_mask: torch.Tensor | None,
+def _fused_kernel_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None,
                         enable_gqa: bool) -> bool:
-    """Whether flash or the memory-efficient kernel runs these inputs on CUDA (else the math path)."""
-    grouped = enable_gqa and query.dim() >= 3 and key.shape[-3] != query.shape[-3]
+    """Whether flash or the memory-efficient kernel runs these inputs on CUDA (else the math path).
+
+    Both take only queries, keys and values of one batch size and one number of heads
+    (``check_batch_size_and_num_heads_dense`` in sdp_utils_cpp.h), except grouped-query attention
+    asked for with ``enable_gqa``; keys and values broadcast over the heads (Falcon's multi-query
+    attention passes one key head for eight query heads) run the math path.
+    """
+    if query.shape[:-2] == key.shape[:-2] == value.shape[:-2]:
+        return True
+    if not enable_gqa or query.dim() < 3 or key.shape[-3] == query.shape[-3]:
+        return False
     flash = query.dtype in (torch.float16, torch.bfloat16) and attn_mask is None and query.shape[-1] <= 256
-    return flash or not grouped or EFFICIENT_ATTENTION_TAKES_GQA
+    return flash or EFFICIENT_ATTENTION_TAKES_GQA
 
 
 def _gpu_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
               dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
               enable_gqa: bool = False) -> torch.Tensor:
-    if not _fused_kernel_takes(query, key, attn_mask, enable_gqa):
+    if not _fused_kernel_takes(query, key, value, attn_mask, enable_gqa):
         return torch.ops.aten._scaled_dot_product_attention_math(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
     if enable_gqa:
