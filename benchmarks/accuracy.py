@@ -42,12 +42,10 @@ def record_files(shared: list[Path], sources: str) -> Iterator[Path]:
 
 def records(calibration: Path, sources: str = "all") -> Iterator[dict[str, Any]]:
     """Every training-peak record, normalised to model/batch/optimizer/precision/seq/checkpointing/measured,
-    with the file it came from (``source``) and, where the file says a model ran other code than the
-    installed libraries build (``not_comparable``), why."""
+    with the file it came from (``source``)."""
     for file in record_files([calibration / "h200_public.json", calibration / "h200_public_more.json"], sources):
-        reasons = json.loads(file.read_text()).get("not_comparable", {})
         for record in _file_records(file):
-            yield {**record, "source": file.stem, "not_comparable": reasons.get(record["model"])}
+            yield {**record, "source": file.stem}
 
 
 def _file_records(file: Path) -> Iterator[dict[str, Any]]:
@@ -195,10 +193,9 @@ def print_inference(args: argparse.Namespace, have_vision: bool) -> None:
         seen.add(key)
         estimated = estimate_inference(record)
         err = error(estimated, record["infer"])
-        if not record["not_comparable"]:
-            errors.append(err)
+        errors.append(err)
         print(f"{record['model']:<20}{record['batch']:>6}  {record['precision']:<11}{record['infer'] / 1e6:>12.1f}"
-              f"{estimated / 1e6:>12.1f}{err:>+8.1%}" + ("  (not comparable, not judged)" if record["not_comparable"] else ""))
+              f"{estimated / 1e6:>12.1f}{err:>+8.1%}")
     print(summary("inference", errors))
 
 
@@ -223,7 +220,6 @@ def print_training(args: argparse.Namespace, have_vision: bool) -> int:
         columns += ["MemTracker GB", "err", "torchinfo GB", "err"]
     rows, results = [], {"memlint": [], "MemTracker": [], "torchinfo": []}
     by_source: dict[str, list[float]] = {}
-    not_comparable: dict[str, str] = {}
     skipped = 0
     for record in records(args.calibration, args.records):
         if args.only and record["model"] != args.only:
@@ -242,12 +238,8 @@ def print_training(args: argparse.Namespace, have_vision: bool) -> int:
         err = error(estimated, record["measured"])
         label = record["model"] + (f"@{record['seq']}" if record.get("seq") else "") + \
             (" ckpt" if record.get("checkpointing") else "")
-        if record["not_comparable"]:  # printed, not judged: the GPU ran other model code
-            label += " (not comparable)"
-            not_comparable[record["model"]] = record["not_comparable"]
-        else:
-            results["memlint"].append(err)
-            by_source.setdefault(record["source"], []).append(err)
+        results["memlint"].append(err)
+        by_source.setdefault(record["source"], []).append(err)
         row = [record["set"], label, str(record["batch"]), record["optimizer"], record["precision"],
                f"{record['measured'] / 1e9:.3f}", f"{estimated / 1e9:.3f}", f"{err:+.1%}"]
         if args.peers:
@@ -280,8 +272,6 @@ def print_training(args: argparse.Namespace, have_vision: bool) -> int:
             print(summary(name, errors))
     for source, errors in by_source.items():
         print(summary(f"memlint, {source}", errors))
-    for model, reason in not_comparable.items():
-        print(f"not judged: {model}: {reason}")
     return skipped
 
 

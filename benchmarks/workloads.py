@@ -1,7 +1,8 @@
 """The calibration workloads, rebuilt exactly as shared/calibration/README.md describes them.
 
 Shared by the accuracy and speed benchmarks. torchvision models need the benchmark
-environment (``pip install torch==2.14.1 torchvision==0.29.1``); transformers models only
+environment (``pip install torch==2.14.1 torchvision==0.29.1 transformers==5.17.0``, the GPU's
+transformers: model code changes between versions); transformers models only
 need transformers. Nothing downloads weights: every model is built from its config.
 """
 from __future__ import annotations
