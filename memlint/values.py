@@ -17,6 +17,11 @@ Fake tensors have shapes, not values, so a data-dependent op must be answered by
   tokens the experts see whatever the routing, where the bound gave every expert every token (E /
   top_k times too many). A ``sum`` that counts at least one expected non-zero per element is
   assumed non-zero: every expert is hit (``expert_mask.sum(...) > 0``).
+* **The range of a random draw.** ``rand`` and ``rand_like`` draw from ``[0, 1)``, so comparing a draw
+  with a number outside that range has a known answer. LayerDrop (OPT, BART and others in transformers
+  5.17) skips a layer ``if torch.rand([]) < self.layerdrop``, with ``layerdrop`` 0.0 by default: never.
+  Answered by the default assumption (True) instead, every layer was skipped and OPT-125m came out
+  40% low.
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ _SHARE_KEEPING = {aten.view, aten._unsafe_view, aten.reshape, aten.permute, aten
                   aten.select, aten.slice, aten.transpose, aten.t, aten.clone, aten.expand, aten.detach, aten.alias,
                   aten._to_copy, aten.index, aten.unbind, aten.contiguous}
 _NONZERO_TESTS = {aten.gt, aten.ne, aten.greater}
+_DRAW_RANGES = {aten.rand: (0.0, 1.0), aten.rand_like: (0.0, 1.0)}  # [low, high) of each element
+_ORDER_TESTS = {aten.lt, aten.le, aten.gt, aten.ge}
 
 
 class ValueKnowledge:
@@ -46,11 +53,15 @@ class ValueKnowledge:
         self.values: WeakIdKeyDictionary = WeakIdKeyDictionary()  # fake tensor -> a real tensor of its values
         self.share: WeakIdKeyDictionary = WeakIdKeyDictionary()  # fake tensor -> expected share of non-zeros
         self.count: WeakIdKeyDictionary = WeakIdKeyDictionary()  # fake tensor -> expected value of its elements
+        self.bounds: WeakIdKeyDictionary = WeakIdKeyDictionary()  # fake tensor -> [low, high) of its elements
 
     def learn(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
         """After an op: what its outputs' values are, or what share of them is non-zero."""
         facts = _FACTS.get(func) or _facts(func)
-        if not (self.values or self.share or facts.source):  # nothing known yet (most CNNs): nothing to learn
+        if not (self.values or self.share or self.bounds or facts.source or facts.packet in _DRAW_RANGES):
+            return  # nothing known yet (most CNNs): nothing to learn
+        if facts.packet in _DRAW_RANGES and isinstance(out, torch.Tensor):
+            self.bounds[out] = _DRAW_RANGES[facts.packet]
             return
         if self._compute(func, facts, args, kwargs, out):
             return
@@ -64,6 +75,14 @@ class ValueKnowledge:
         if not isinstance(first, torch.Tensor):
             return
         packet = facts.packet
+        if packet in _SHARE_KEEPING and first in self.bounds:
+            for value in _tensors(out):
+                self.bounds[value] = self.bounds[first]
+        elif packet in _ORDER_TESTS and first in self.bounds and isinstance(out, torch.Tensor) and len(args) > 1:
+            answer = _ordered(packet, *self.bounds[first], args[1])
+            if answer is not None and out.numel() <= KNOWN_NUMEL_LIMIT:
+                with _disable_current_modes():
+                    self.values[out] = torch.full(out.shape, answer)
         if packet in _SHARE_KEEPING and first in self.share:
             for value in _tensors(out):
                 self.share[value] = self.share[first]
@@ -131,6 +150,19 @@ class ValueKnowledge:
         if self.share.get(tensor) == 1.0 and out.numel() <= KNOWN_NUMEL_LIMIT:
             with _disable_current_modes():
                 self.values[out] = torch.ones(tensor.shape, dtype=torch.bool).nonzero()
+
+
+def _ordered(test: Any, low: float, high: float, threshold: Any) -> bool | None:
+    """``x < threshold`` (or ``<=``, ``>``, ``>=``) for every x in ``[low, high)``: True, False, or
+    None where it depends on x."""
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool):
+        return None
+    below = test in (aten.lt, aten.le)
+    if threshold >= high:
+        return below
+    if threshold < low or (threshold == low and test in (aten.lt, aten.ge)):
+        return not below
+    return None
 
 
 @dataclass(frozen=True)
