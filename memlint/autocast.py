@@ -65,7 +65,7 @@ class CudaAutocastMode(SeeThroughMode):
     def __init__(self, dtype: torch.dtype) -> None:
         super().__init__()
         self.dtype = dtype
-        self.cache: dict[int, torch.Tensor] = {}
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> (weight, its cast)
 
     def __exit__(self, *exc: Any) -> Any:
         self.cache.clear()  # autocast clears its cast cache when the outermost region exits
@@ -74,12 +74,14 @@ class CudaAutocastMode(SeeThroughMode):
     def _cast(self, value: Any, dtype: torch.dtype, cache: bool = True) -> Any:
         if not _eligible(value) or value.dtype == dtype:
             return value
-        cacheable = cache and dtype == self.dtype and value.is_leaf and value.requires_grad
+        # As ``cached_cast`` (aten/src/ATen/autocast_mode.cpp): leaves that require grad and are no views.
+        # The entry holds the weight too, so its id cannot pass to another tensor while the entry lives.
+        cacheable = cache and dtype == self.dtype and value.is_leaf and value.requires_grad and not value._is_view()
         if cacheable and id(value) in self.cache:
-            return self.cache[id(value)]
+            return self.cache[id(value)][1]
         cast = value.to(dtype)
         if cacheable:
-            self.cache[id(value)] = cast
+            self.cache[id(value)] = (value, cast)
         return cast
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:

@@ -351,3 +351,28 @@ def test_a_linear_layer_on_a_permuted_map_adds_its_bias_in_place():
     # Both hold the input, one contiguous copy of it (matmul folds the permuted map into a copy) and one
     # output; an out-of-place add would hold a second output (8 x 32 x 32 x 256 floats).
     assert peaks[False] == peaks[True]
+
+
+class TransposedWeights(nn.Module):
+    """Falcon's FalconLinear: ``x @ self.weight.T`` instead of ``F.linear(x, self.weight)``."""
+
+    def __init__(self, through_view: bool) -> None:
+        super().__init__()
+        self.through_view = through_view
+        self.weights = nn.ParameterList(nn.Parameter(torch.randn(1024, 1024)) for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for weight in self.weights:
+            x = x @ weight.T if self.through_view else F.linear(x, weight)
+        return x
+
+
+def test_autocast_caches_the_casts_of_weights_not_of_their_views():
+    """``cached_cast`` keeps a weight's half-precision copy for the autocast region, but not a view's
+    (``weight.T``): in inference the three copies of F.linear stay, those of ``x @ weight.T`` are freed
+    one by one. (Caching views by id also returned a dead view's cast for a new one: a shape error.)"""
+    peaks = {view: analyse(workload(lambda: TransposedWeights(view), 4, shape=(1024,), mode="infer",
+                                    precision="bf16-mixed"), resolve_target("h200"), 1.0,
+                           find_max_batch=False).peak_allocated_bytes for view in (True, False)}
+    bf16_weight = 1024 * 1024 * 2
+    assert peaks[False] - peaks[True] == 2 * bf16_weight
