@@ -301,6 +301,9 @@ def main() -> int:
     os.environ["MEMLINT_CACHE_DIR"] = str(Path(tempfile.mkdtemp(prefix="memlint-speed-cache-")))
     os.environ.pop("MEMLINT_NO_CACHE", None)
     paths = write_models(folder)
+    # The children's working directory is on their sys.path, so the cache records it: a busy one (/tmp)
+    # changes between two checks and no answer is kept. Run them from the quiet folder of the models.
+    os.chdir(folder)
     if args.profile:
         done = subprocess.run([PYTHON, "-c", ANALYSE, str(paths["resnet50"]), "64", "profile"], capture_output=True,
                               text=True)
