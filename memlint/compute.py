@@ -140,40 +140,39 @@ class Roofline:
         return notes
 
 
-class _AttentionCosts:
-    """Counts ``scaled_dot_product_attention``, which the simulation replaces by a stand-in kernel.
+class _StandInCosts:
+    """Counts a kernel that the simulation replaces by a stand-in (``memlint.gpu_kernels``): attention
+    (``_gpu_sdpa``) and cuDNN's recurrent layers (``_gpu_rnn``).
 
-    The stand-in (``memlint.gpu_kernels._gpu_sdpa``) only allocates, so FlopCounterMode would see
-    no attention op: while the counter is active, the stand-in is wrapped to add the costs of the
-    CUDA kernel (PyTorch's formulas for the memory-efficient kernel, forward and backward). A
-    wrapper rather than one more TorchFunctionMode: a second mode changes which ops the simulation
-    dispatches (``prim.device`` queries of tensor indexing) and so the recorded event sequence.
+    A stand-in only allocates, so FlopCounterMode would see no op: while the counter is active, the
+    stand-in is wrapped to add the costs of the CUDA kernel. A wrapper rather than one more
+    TorchFunctionMode: a second mode changes which ops the simulation dispatches (``prim.device``
+    queries of tensor indexing) and so the recorded event sequence.
     """
 
-    def __init__(self, counter: "StepCounter") -> None:
-        self.counter = counter
+    def __init__(self, name: str, count: Any) -> None:
+        self.name, self.count = name, count
         self.original: Any = None
 
     def __enter__(self) -> None:
         from memlint import gpu_kernels
 
-        self.original = getattr(gpu_kernels, "_gpu_sdpa", None)
+        self.original = getattr(gpu_kernels, self.name, None)
         if self.original is None:
             return
-        original, counter = self.original, self.counter
+        original, count = self.original, self.count
 
         def counted(*args: Any, **kwargs: Any) -> Any:
             out = original(*args, **kwargs)
-            if isinstance(out, torch.Tensor):
-                counter.count_attention(args, kwargs, out)
+            count(args, kwargs, out)
             return out
-        gpu_kernels._gpu_sdpa = counted
+        setattr(gpu_kernels, self.name, counted)
 
     def __exit__(self, *exc: Any) -> None:
         from memlint import gpu_kernels
 
         if self.original is not None:
-            gpu_kernels._gpu_sdpa = self.original
+            setattr(gpu_kernels, self.name, self.original)
             self.original = None
 
 
@@ -301,7 +300,8 @@ class StepCounter(FlopCounterMode):
         self.root = type(model).__name__
         self.blocks = list(blocks)
         self.block_inputs: dict[str, int] = {}
-        self._attention = _AttentionCosts(self)
+        self._stand_ins = (_StandInCosts("_gpu_sdpa", self.count_attention),
+                           _StandInCosts("_gpu_rnn", self.count_recurrent))
         self._handles: list[Any] = []
         self._block_names: dict[torch.nn.Module, str] = {}
         self._names: dict[frozenset[str], tuple[str, ...]] = {}
@@ -323,7 +323,8 @@ class StepCounter(FlopCounterMode):
         self.mod_tracker.__enter__()
         self.mode = _CountingMode(self)
         self.mode.__enter__()
-        self._attention.__enter__()
+        for stand_in in self._stand_ins:
+            stand_in.__enter__()
         if self.blocks:
             # A hook of every module, not of the blocks: PyTorch's fused inference path of a transformer
             # layer (``_transformer_encoder_layer_fwd``) is not taken by a module with hooks of its own.
@@ -337,7 +338,8 @@ class StepCounter(FlopCounterMode):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._attention.__exit__(*exc)
+        for stand_in in self._stand_ins:
+            stand_in.__exit__(*exc)
         assert self.mode is not None
         result = self.mode.__exit__(*exc)
         self.mode = None
@@ -427,8 +429,9 @@ class StepCounter(FlopCounterMode):
             nbytes = _tensor_bytes(inputs) + _tensor_bytes(outputs) if outputs else 0
         self._add(flops, nbytes, dtype, func_packet in _CONVOLUTIONS)
 
-    def count_attention(self, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
-        if not self.active:
+    def count_attention(self, args: tuple, kwargs: dict, out: Any) -> None:
+        """PyTorch's formulas for the CUDA memory-efficient attention kernel, forward and backward."""
+        if not self.active or not isinstance(out, torch.Tensor):
             return
         names = ("query", "key", "value")
         query, key, value = (args[i] if i < len(args) else kwargs[names[i]] for i in range(3))
@@ -451,6 +454,29 @@ class StepCounter(FlopCounterMode):
                 for parent in set(self.mod_tracker.parents):
                     self.flop_counts[parent][aten._scaled_dot_product_efficient_attention_backward] += backward
             # When the first input gradient exists, the attention backward has just run.
+            register_multi_grad_hook(inputs, on_grad, mode="any")
+
+    def count_recurrent(self, args: tuple, kwargs: dict, out: Any) -> None:
+        """cuDNN's LSTM, GRU or RNN: each weight matrix multiplies every step of every sample, 2 FLOPs a
+        multiply-add as in FlopCounterMode's matmul formula (FlopCounterMode has none for ``_cudnn_rnn``);
+        the backward's data and weight passes each do as much again. Arguments as ``_gpu_rnn``'s."""
+        if not self.active:
+            return
+        data, params, batch_first = args[1], args[3], args[9]
+        steps, batch = (data.shape[1], data.shape[0]) if batch_first else data.shape[:2]
+        forward = 2 * steps * batch * sum(w.numel() for w in params if w.dim() == 2)
+        moved = _tensor_bytes((data, *params, *(out if isinstance(out, tuple) else (out,))))
+        self._add(forward, moved, data.dtype, False)
+        for parent in set(self.mod_tracker.parents):
+            self.flop_counts[parent][aten._cudnn_rnn] += forward
+        inputs = [t for t in (data, *params) if t.requires_grad]
+        if inputs and not _is_bw():
+            dtype = data.dtype
+
+            def on_grad(_grad: Any) -> None:
+                self._add(2 * forward, 2 * moved, dtype, False)
+                for parent in set(self.mod_tracker.parents):
+                    self.flop_counts[parent][aten._cudnn_rnn_backward] += 2 * forward
             register_multi_grad_hook(inputs, on_grad, mode="any")
 
 

@@ -81,6 +81,25 @@ def test_attention_flops_are_counted_through_the_gpu_kernel_stand_in():
     assert root.flops_backward > 2 * attention
 
 
+class Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(32, 64, num_layers=2, batch_first=True, bidirectional=True, proj_size=16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lstm(x)[0]
+
+
+def test_recurrent_flops_are_counted_through_the_cudnn_stand_in():
+    """Each weight matrix multiplies every step of every sample; the backward's two passes twice that."""
+    batch, steps = 4, 50
+    report = run(Recurrent, batch, shape=(steps, 32))
+    matrices = sum(w.numel() for w in Recurrent().lstm.parameters() if w.dim() == 2)
+    lstm = next(layer for layer in report.layers if layer.name == "lstm")
+    assert lstm.flops_forward == 2 * batch * steps * matrices
+    assert lstm.flops_backward == 2 * lstm.flops_forward
+
+
 def test_bytes_moved_count_inputs_and_outputs_not_views():
     report = run(lambda: nn.Sequential(nn.Linear(256, 256), nn.Flatten()), 8, shape=(256,), mode="infer")
     layers = {layer.name: layer for layer in report.layers}
