@@ -28,6 +28,9 @@ still returns what it measured:
 * ``rnn.json`` (phase ``rnn``): cuDNN's recurrent kernels, a seeded sweep of LSTM/GRU/RNN shapes:
   what each ``_cudnn_rnn`` call returns (its reserve for the backward among it) and takes.
 * ``rnn_infer.json`` (phase ``rnn_infer``): the same for layers in eval mode without autograd.
+* ``variants`` (in steps.json): activation checkpointing, other sequence lengths and other
+  optimizers on held-out models (``CKPT_6``, ``SEQ_6``, ``OPT_6``), as the calibration's ``ckpt``,
+  ``seq`` and ``opt`` records.
 * ``encoder.json`` (phase ``encoder``): ``nn.TransformerEncoderLayer``'s fused inference path.
 * ``oom.json`` (phase ``oom``): the largest-batch records memlint over-estimates, run at the
   measured and at memlint's batch under the same capacity: the allocator's state where it failed.
@@ -142,6 +145,11 @@ CONV_MODELS = [("resnet18", 16), ("resnet50", 16), ("vgg16", 8), ("mobilenet_v2"
 TIMED = [("densenet121", 64), ("efficientnet_b0", 64), ("convnext_tiny", 64), ("vit_b_16", 64),
          ("llama-small", 16), ("opt-125m", 16), ("roberta-base", 32)]
 MAXBATCH = [("densenet121", "4GiB"), ("efficientnet_b0", "4GiB"), ("llama-small", "4GiB"), ("vit_b_16", "4GiB")]
+# The sixth round's variants of held-out models, as the calibration's ckpt, seq and opt records.
+CKPT_6 = [("llama-small", 8), ("qwen3-small", 8), ("deberta-small", 16), ("gptneox-small", 8)]
+SEQ_6 = [("mistral-small", 4, 128), ("mistral-small", 4, 1024), ("gptneox-small", 2, 2048), ("bert-base", 8, 512)]
+OPT_6 = [("qwen3-small", 4, "adamw"), ("qwen3-small", 4, "adam_fused"), ("qwen3-small", 4, "adagrad"),
+         ("qwen3-small", 4, "rmsprop"), ("swin_t", 32, "adamw"), ("swin_t", 32, "sgd_noforeach")]
 # Each round: its held-out models, its timed steps, its largest batches.
 ROUNDS = {1: (HELD_OUT, TIMED, MAXBATCH), 2: (HELD_OUT_2, TIMED, MAXBATCH_2), 3: (HELD_OUT_3, TIMED_3, MAXBATCH),
           4: (HELD_OUT_4, TIMED_4, MAXBATCH), 5: (HELD_OUT_5, TIMED_4, MAXBATCH)}
@@ -215,10 +223,11 @@ def training_step(model: torch.nn.Module, spec: Any, batch: int, optimizer: Any,
             model.zero_grad(set_to_none=True)
 
 
-def measure_step(name: str, batch: int, optimizer_name: str, amp: bool = False, seq: int | None = None) -> dict:
+def measure_step(name: str, batch: int, optimizer_name: str, amp: bool = False, seq: int | None = None,
+                 checkpointing: bool = False) -> dict:
     """One record with the protocol: base before the move, peak of three steps above it."""
     clean()
-    spec = spec_for(name, seq)
+    spec = spec_for(name, seq, checkpointing)
     base = allocated()
     model = spec.build()
     params = sum(p.numel() for p in model.parameters())
@@ -247,6 +256,8 @@ def measure_step(name: str, batch: int, optimizer_name: str, amp: bool = False, 
               "train_peaks": peaks, "train_peak": max(peaks), "infer_peak_delta": infer}
     if seq:
         record["seq"] = seq
+    if checkpointing:
+        record["checkpointing"] = True
     del model, inputs
     clean()
     return record
@@ -656,6 +667,13 @@ def main() -> int:
         jobs = [(oom_diagnosis, (m, cap, shrink(b))) for m, cap, batches in OOM[: 1 if args.quick else None]
                 for b in batches]
         record_all(args.out, "oom.json", "oom", jobs, {"env": data["env"]})
+    if "variants" in phases:
+        record_all(args.out, "steps.json", "ckpt", [(measure_step, (m, shrink(b), "sgd", False, None, True))
+                                                    for m, b in CKPT_6[: 1 if args.quick else None]], data)
+        record_all(args.out, "steps.json", "seq", [(measure_step, (m, shrink(b), "sgd", False, seq))
+                                                   for m, b, seq in SEQ_6[: 1 if args.quick else None]], data)
+        record_all(args.out, "steps.json", "opt", [(measure_step, (m, shrink(b), o))
+                                                   for m, b, o in OPT_6[: 1 if args.quick else None]], data)
     if "maxbatch" in phases:
         jobs = [(max_batch, (m, cap, args.quick)) for m, cap in caps[: 1 if args.quick else None]]
         record_all(args.out, "steps.json", "maxbatch", jobs, data)
