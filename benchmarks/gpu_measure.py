@@ -208,8 +208,7 @@ def warm_up() -> dict[str, Any]:
     return env
 
 
-def training_step(model: torch.nn.Module, spec: Any, batch: int, optimizer: Any, amp: bool,
-                  scaler: Any = None) -> None:
+def training_step(model: torch.nn.Module, spec: Any, batch: int, optimizer: Any, amp: bool) -> None:
     with torch.device(device()):
         inputs = spec.example_inputs(batch)
         with torch.autocast(device().type, dtype=torch.bfloat16, enabled=amp):
