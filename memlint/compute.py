@@ -176,6 +176,20 @@ class _StandInCosts:
             self.original = None
 
 
+def _onednn_rnn_flops(input: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor, *_args: Any,
+                      out_val: Any = None, **_kwargs: Any) -> int:
+    """oneDNN's LSTM layer on a host target (``mkldnn_rnn_layer``, one layer and direction), which
+    FlopCounterMode has no formula for: its two weight matrices times every step of every sample, 2 FLOPs
+    a multiply-add, as ``count_recurrent`` counts cuDNN's."""
+    return 2 * (input.numel() // max(1, input.shape[-1])) * (weight_ih.numel() + weight_hh.numel())
+
+
+def _onednn_rnn_backward_flops(input: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor, *_args: Any,
+                               out_val: Any = None, **_kwargs: Any) -> int:
+    """Its backward: the data and the weight gradients, each as much as the forward."""
+    return 2 * _onednn_rnn_flops(input, weight_ih, weight_hh)
+
+
 class _StepModuleTracker(ModuleTracker):
     """FlopCounterMode's ModuleTracker, told when a step starts, idle in steps that are not counted,
     and neutral to the memory the simulation records.
@@ -292,6 +306,8 @@ class StepCounter(FlopCounterMode):
         registry[aten._scaled_dot_product_flash_attention_for_cpu] = registry[aten._scaled_dot_product_flash_attention]
         registry[aten._scaled_dot_product_flash_attention_for_cpu_backward] = \
             registry[aten._scaled_dot_product_flash_attention_backward]
+        registry[aten.mkldnn_rnn_layer] = _onednn_rnn_flops
+        registry[aten.mkldnn_rnn_layer_backward] = _onednn_rnn_backward_flops
         self.mod_tracker = _StepModuleTracker(self)
         self.model = model
         self.count_from = max(1, count_from)

@@ -82,19 +82,21 @@ def test_attention_flops_are_counted_through_the_gpu_kernel_stand_in():
 
 
 class Recurrent(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, projection: int) -> None:
         super().__init__()
-        self.lstm = nn.LSTM(32, 64, num_layers=2, batch_first=True, bidirectional=True, proj_size=16)
+        self.lstm = nn.LSTM(32, 64, num_layers=2, batch_first=True, bidirectional=True, proj_size=projection)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lstm(x)[0]
 
 
-def test_recurrent_flops_are_counted_through_the_cudnn_stand_in():
-    """Each weight matrix multiplies every step of every sample; the backward's two passes twice that."""
+@pytest.mark.parametrize("target, projection", [("h100-80gb", 16), ("cpu:64GiB", 0)])
+def test_recurrent_flops_are_counted_on_both_kinds_of_target(target, projection):
+    """cuDNN's stand-in on a GPU, oneDNN's ``mkldnn_rnn_layer`` on a host (no projections there): each weight
+    matrix multiplies every step of every sample; the backward's two passes twice that."""
     batch, steps = 4, 50
-    report = run(Recurrent, batch, shape=(steps, 32))
-    matrices = sum(w.numel() for w in Recurrent().lstm.parameters() if w.dim() == 2)
+    report = run(lambda: Recurrent(projection), batch, target=target, shape=(steps, 32))
+    matrices = sum(w.numel() for w in Recurrent(projection).lstm.parameters() if w.dim() == 2)
     lstm = next(layer for layer in report.layers if layer.name == "lstm")
     assert lstm.flops_forward == 2 * batch * steps * matrices
     assert lstm.flops_backward == 2 * lstm.flops_forward
