@@ -176,12 +176,17 @@ class _StandInCosts:
             self.original = None
 
 
+def _matrix_products(rows: int, matrices: list[torch.Tensor]) -> int:
+    """FLOPs of multiplying ``rows`` vectors by each matrix, 2 a multiply-add as FlopCounterMode's matmul
+    formula counts them: a recurrent layer's weights times every step of every sample."""
+    return 2 * rows * sum(matrix.numel() for matrix in matrices)
+
+
 def _onednn_rnn_flops(input: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor, *_args: Any,
                       out_val: Any = None, **_kwargs: Any) -> int:
     """oneDNN's LSTM layer on a host target (``mkldnn_rnn_layer``, one layer and direction), which
-    FlopCounterMode has no formula for: its two weight matrices times every step of every sample, 2 FLOPs
-    a multiply-add, as ``count_recurrent`` counts cuDNN's."""
-    return 2 * (input.numel() // max(1, input.shape[-1])) * (weight_ih.numel() + weight_hh.numel())
+    FlopCounterMode has no formula for: its two weight matrices' products, as cuDNN's are counted."""
+    return _matrix_products(input.numel() // max(1, input.shape[-1]), [weight_ih, weight_hh])
 
 
 def _onednn_rnn_backward_flops(input: torch.Tensor, weight_ih: torch.Tensor, weight_hh: torch.Tensor, *_args: Any,
@@ -454,46 +459,39 @@ class StepCounter(FlopCounterMode):
         shapes = (query.shape, key.shape, value.shape)
         forward = self.flop_registry[aten._scaled_dot_product_efficient_attention](*shapes, out_val=out)
         moved = _tensor_bytes((query, key, value, out))
-        self._add(forward, moved, query.dtype, False)
-        for parent in set(self.mod_tracker.parents):
-            self.flop_counts[parent][aten._scaled_dot_product_efficient_attention] += forward
-        inputs = [t for t in (query, key, value) if t.requires_grad]
-        if inputs and not _is_bw():  # (a recomputed output's own graph never runs backward)
-            backward = self.flop_registry[aten._scaled_dot_product_efficient_attention_backward](
-                out.shape, *shapes, out_val=None)
-            dtype = query.dtype
-            # q, k, v, out and d(out) read; dq, dk, dv written.
-            traffic = moved + _tensor_bytes(out) + _tensor_bytes((query, key, value))
-
-            def on_grad(_grad: Any) -> None:
-                self._add(backward, traffic, dtype, False)
-                for parent in set(self.mod_tracker.parents):
-                    self.flop_counts[parent][aten._scaled_dot_product_efficient_attention_backward] += backward
-            # When the first input gradient exists, the attention backward has just run.
-            register_multi_grad_hook(inputs, on_grad, mode="any")
+        self._count_kernel(aten._scaled_dot_product_efficient_attention, forward, moved, query.dtype)
+        backward = self.flop_registry[aten._scaled_dot_product_efficient_attention_backward](
+            out.shape, *shapes, out_val=None)
+        # q, k, v, out and d(out) read; dq, dk, dv written.
+        traffic = moved + _tensor_bytes(out) + _tensor_bytes((query, key, value))
+        self._count_backward_later((query, key, value), aten._scaled_dot_product_efficient_attention_backward,
+                                   backward, traffic, query.dtype)
 
     def count_recurrent(self, args: tuple, kwargs: dict, out: Any) -> None:
-        """cuDNN's LSTM, GRU or RNN: each weight matrix multiplies every step of every sample, 2 FLOPs a
-        multiply-add as in FlopCounterMode's matmul formula (FlopCounterMode has none for ``_cudnn_rnn``);
-        the backward's data and weight passes each do as much again. Arguments as ``_gpu_rnn``'s."""
+        """cuDNN's LSTM, GRU or RNN (FlopCounterMode has no formula for ``_cudnn_rnn``): its weight
+        matrices' products (``_matrix_products``); the backward's data and weight passes each do as much
+        again. Arguments as ``_gpu_rnn``'s."""
         if not self.active:
             return
         data, params, batch_first = args[1], args[3], args[9]
         steps, batch = (data.shape[1], data.shape[0]) if batch_first else data.shape[:2]
-        forward = 2 * steps * batch * sum(w.numel() for w in params if w.dim() == 2)
+        forward = _matrix_products(steps * batch, [w for w in params if w.dim() == 2])
         moved = _tensor_bytes((data, *params, *(out if isinstance(out, tuple) else (out,))))
-        self._add(forward, moved, data.dtype, False)
-        for parent in set(self.mod_tracker.parents):
-            self.flop_counts[parent][aten._cudnn_rnn] += forward
-        inputs = [t for t in (data, *params) if t.requires_grad]
-        if inputs and not _is_bw():
-            dtype = data.dtype
+        self._count_kernel(aten._cudnn_rnn, forward, moved, data.dtype)
+        self._count_backward_later((data, *params), aten._cudnn_rnn_backward, 2 * forward, 2 * moved, data.dtype)
 
-            def on_grad(_grad: Any) -> None:
-                self._add(2 * forward, 2 * moved, dtype, False)
-                for parent in set(self.mod_tracker.parents):
-                    self.flop_counts[parent][aten._cudnn_rnn_backward] += 2 * forward
-            register_multi_grad_hook(inputs, on_grad, mode="any")
+    def _count_kernel(self, op: Any, flops: int, nbytes: int, dtype: torch.dtype) -> None:
+        """A stand-in's kernel: its costs, attributed to the modules running it."""
+        self._add(flops, nbytes, dtype, False)
+        for parent in set(self.mod_tracker.parents):
+            self.flop_counts[parent][op] += flops
+
+    def _count_backward_later(self, inputs: tuple, op: Any, flops: int, nbytes: int, dtype: torch.dtype) -> None:
+        """A stand-in's backward, counted when the first gradient of its inputs exists: it has just run.
+        None for a recomputed output's own graph, which never runs backward."""
+        needing = [t for t in inputs if t.requires_grad]
+        if needing and not _is_bw():
+            register_multi_grad_hook(needing, lambda _grad: self._count_kernel(op, flops, nbytes, dtype), mode="any")
 
 
 def annotate(report: "ModelReport", counter: StepCounter, result: "SimulationResult", *, data_parallel: int = 1,
