@@ -68,33 +68,56 @@ class CachingAllocatorModel:
         self.allocated = 0
         self.peak_allocated = 0
         self._segments: dict[int, _Block] = {}  # segment -> its first block
-        # pool (small?) -> free blocks as sorted (size, segment, offset, block): best fit by bisection
-        self._free: dict[bool, list[tuple[int, int, int, _Block]]] = {True: [], False: []}
+        # Free blocks per pool (small?), as sorted keys that order them by (size, segment, offset), so
+        # that a bisection finds the best fit (ints: a replay makes some 100,000 comparisons, which tuples
+        # made the larger part of its time), and the block of each key.
+        self._free: dict[bool, list[int]] = {True: [], False: []}
+        self._free_blocks: dict[int, _Block] = {}
         self._next_segment = 0
 
+    # malloc and release run some 6,000 times a replay, and the batch search replays a step some twenty
+    # times: they split and merge blocks inline.
     def malloc(self, nbytes: int) -> _Block:
-        size = round_size(nbytes)
+        size = -(-nbytes // MIN_BLOCK) * MIN_BLOCK if nbytes > MIN_BLOCK else MIN_BLOCK  # round_size
         small = size <= SMALL_REQUEST
-        block = self._best_fit(size, small)
-        if block is None:
-            block = self._new_segment(size, small)
+        pool = self._free[small]
+        index = bisect.bisect_left(pool, size << _SIZE_SHIFT)  # best fit
+        block = self._free_blocks.pop(pool.pop(index)) if index < len(pool) else self._new_segment(size, small)
         block.free = False
-        self._split(block, size)
+        remaining = block.size - size
+        # should_split: the small pool splits off any remainder of 512 B or more, the large pool above 1 MiB.
+        if remaining > SMALL_REQUEST or (small and remaining >= MIN_BLOCK):
+            upper = block.next
+            rest = _Block(block.segment, block.offset + size, remaining, small, prev=block, next=upper)
+            if upper is not None:
+                upper.prev = rest
+            block.next = rest
+            block.size = size
+            key = _free_key(rest)
+            bisect.insort(pool, key)
+            self._free_blocks[key] = rest
         self.allocated += block.size
-        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        if self.allocated > self.peak_allocated:
+            self.peak_allocated = self.allocated
         return block
 
     def release(self, block: _Block) -> None:
+        """Free a block and merge it with its free neighbours."""
         self.allocated -= block.size
         block.free = True
-        self._merge(block)
-
-    def _best_fit(self, size: int, small: bool) -> _Block | None:
-        pool = self._free[small]
-        index = bisect.bisect_left(pool, (size,))
-        if index == len(pool):
-            return None
-        return pool.pop(index)[3]
+        pool, free_blocks = self._free[block.small], self._free_blocks
+        upper = block.next
+        if upper is not None and upper.free:
+            del free_blocks[_take(pool, upper)]
+            _absorb(block, upper)
+        lower = block.prev
+        if lower is not None and lower.free:
+            del free_blocks[_take(pool, lower)]
+            _absorb(lower, block)
+            block = lower
+        key = _free_key(block)
+        bisect.insort(pool, key)
+        free_blocks[key] = block
 
     def _new_segment(self, size: int, small: bool) -> _Block:
         seg_bytes = segment_size(size)
@@ -109,42 +132,28 @@ class CachingAllocatorModel:
         self.peak_reserved = max(self.peak_reserved, self.reserved)
         return block
 
-    def _split(self, block: _Block, size: int) -> None:
-        remaining = block.size - size
-        # should_split: small pool splits any remainder >= 512 B, large pool only above 1 MiB.
-        if (block.small and remaining >= MIN_BLOCK) or (not block.small and remaining > SMALL_REQUEST):
-            rest = _Block(block.segment, block.offset + size, remaining, block.small, prev=block, next=block.next)
-            if block.next is not None:
-                block.next.prev = rest
-            block.next = rest
-            block.size = size
-            self._add_free(rest)
-
-    def _merge(self, block: _Block) -> None:
-        upper = block.next
-        if upper is not None and upper.free:
-            self._remove_free(upper)
-            _absorb(block, upper)
-        lower = block.prev
-        if lower is not None and lower.free:
-            self._remove_free(lower)
-            _absorb(lower, block)
-            block = lower
-        self._add_free(block)
-
     def _release_cached_segments(self) -> None:
         for segment, first in list(self._segments.items()):
             if first.free and first.next is None:
-                self._remove_free(first)
+                del self._free_blocks[_take(self._free[first.small], first)]
                 del self._segments[segment]
                 self.reserved -= first.size
 
-    def _add_free(self, block: _Block) -> None:
-        bisect.insort(self._free[block.small], (block.size, block.segment, block.offset, block))
 
-    def _remove_free(self, block: _Block) -> None:
-        pool = self._free[block.small]
-        pool.pop(bisect.bisect_left(pool, (block.size, block.segment, block.offset)))
+# A free block's key: its size, then its segment, then its offset, each in its own bits.
+_OFFSET_BITS, _SEGMENT_BITS = 48, 32
+_SIZE_SHIFT = _OFFSET_BITS + _SEGMENT_BITS
+
+
+def _free_key(block: _Block) -> int:
+    return (block.size << _SIZE_SHIFT) | (block.segment << _OFFSET_BITS) | block.offset
+
+
+def _take(pool: list[int], block: _Block) -> int:
+    """Remove a free block's key from its pool's sorted keys; return the key."""
+    key = _free_key(block)
+    del pool[bisect.bisect_left(pool, key)]
+    return key
 
 
 def _absorb(lower: _Block, upper: _Block) -> None:
@@ -155,8 +164,11 @@ def _absorb(lower: _Block, upper: _Block) -> None:
         upper.next.prev = lower
 
 
-def replay_allocator(ledger: Ledger, cap_bytes: int | None = None) -> CachingAllocatorModel:
+def replay_allocator(ledger: Ledger, cap_bytes: int | None = None,
+                     sizes: list[int] | None = None) -> CachingAllocatorModel:
     """Replay a ledger through the allocator model; raises OutOfMemory under ``cap_bytes``.
+
+    ``sizes`` replaces the storages' sizes (the step at another batch size, ``interpolated_sizes``).
 
     An elastic storage that does not fit is skipped: PyTorch's cuDNN convolution tries the plans
     cuDNN proposes in order and takes the first whose workspace the allocator can give
@@ -165,11 +177,13 @@ def replay_allocator(ledger: Ledger, cap_bytes: int | None = None) -> CachingAll
     """
     model = CachingAllocatorModel(cap_bytes)
     malloc, release, storages = model.malloc, model.release, ledger.storages  # the search replays a step 20 times
+    if sizes is None:
+        sizes = [storage.nbytes for storage in storages]
     blocks: dict[int, _Block] = {}
     for kind, sid, _ in ledger.events:
         if kind == ALLOC:
             try:
-                blocks[sid] = malloc(storages[sid].nbytes)
+                blocks[sid] = malloc(sizes[sid])
             except OutOfMemory:
                 if not storages[sid].elastic:
                     raise

@@ -19,7 +19,7 @@ from memlint.fakemode import new_fake_mode
 from memlint.gpu_kernels import GpuKernelMode
 from memlint.library_memory import (add_cublas_workspaces, cublas_workspace_bytes, cudnn_workspace_bytes,
                                     persistent_workspace_bytes)
-from memlint.ledger import Ledger, from_first_iteration, interpolate, same_allocations
+from memlint.ledger import Ledger, from_first_iteration, interpolated_sizes, same_allocations
 from memlint.report import LayerReport, ModelReport
 from memlint.scale import ScalePlan
 from memlint.simulate import Assumptions, SimulationResult, StepPlan, ValueAssumingMode, simulate_step
@@ -143,33 +143,34 @@ class Estimator:
         """
         known = self.evaluations.get(batch_size)
         if known is None or (sized and known.allocator is None):
-            ledger = ledger or self._ledger_for(batch_size)
+            ledger, sizes = (ledger, None) if ledger is not None else self._step_at(batch_size)
             try:
                 allocator: CachingAllocatorModel | None = replay_allocator(
-                    ledger, cap_bytes=self.allocator_cap())
+                    ledger, cap_bytes=self.allocator_cap(), sizes=sizes)
                 fits = True
             except OutOfMemory:
-                allocator = smallest_sufficient_cap(ledger) if sized else None
+                allocator = smallest_sufficient_cap(ledger, sizes) if sized else None
                 fits = False
             self.evaluations[batch_size] = Evaluation(fits, allocator.peak_reserved if allocator else 0, allocator)
         return self.evaluations[batch_size]
 
-    def _ledger_for(self, batch_size: int) -> Ledger:
-        """Interpolate between two simulated batch sizes when they ran the same ops; else simulate."""
+    def _step_at(self, batch_size: int) -> tuple[Ledger, list[int] | None]:
+        """The step's events and sizes at a batch size: interpolated between two simulated batch sizes that
+        ran the same ops (the first one's events, other sizes); else simulated (its own sizes: None)."""
         for b1, b2 in itertools.combinations(sorted(self.simulated), 2):
-            ledger = self._interpolation(b1, b2, batch_size)
-            if ledger is not None:
-                return ledger
-        return self.simulated_ledger(batch_size)
+            sizes = self._interpolation(b1, b2, batch_size)
+            if sizes is not None:
+                return self.simulated[b1], sizes
+        return self.simulated_ledger(batch_size), None
 
-    def _interpolation(self, b1: int, b2: int, batch_size: int) -> Ledger | None:
+    def _interpolation(self, b1: int, b2: int, batch_size: int) -> list[int] | None:
         if (b1, b2) not in self.interpolable:
             self.interpolable[b1, b2] = same_allocations(self.simulated[b1], self.simulated[b2])
-        return interpolate(self.simulated[b1], b1, self.simulated[b2], b2, batch_size) \
+        return interpolated_sizes(self.simulated[b1], b1, self.simulated[b2], b2, batch_size) \
             if self.interpolable[b1, b2] else None
 
     def _interpolated_regardless(self, batch_size: int) -> bool:
-        """Whether ``_ledger_for(batch_size)`` would interpolate the same with a simulation at ``batch_size``.
+        """Whether ``_step_at(batch_size)`` would interpolate the same with a simulation at ``batch_size``.
 
         It takes the first pair of simulated sizes, in sorted order, that interpolates. A simulation
         at ``batch_size`` would add pairs only after those of the smallest simulated size with the
@@ -228,13 +229,14 @@ class Estimator:
         return good
 
 
-def smallest_sufficient_cap(ledger: Ledger, resolution: int = 2 << 20) -> CachingAllocatorModel:
+def smallest_sufficient_cap(ledger: Ledger, sizes: list[int] | None = None,
+                            resolution: int = 2 << 20) -> CachingAllocatorModel:
     """The allocator run under the smallest cap (to 2 MiB) that the step needs: what it really needs.
 
     Uncapped, the caching allocator keeps every segment it ever made; a card with less memory
     would release cached segments instead, so the uncapped reserve overstates the need.
     """
-    uncapped = replay_allocator(ledger)
+    uncapped = replay_allocator(ledger, sizes=sizes)
     lo, hi, best = uncapped.peak_allocated - 1, uncapped.peak_reserved, uncapped
     while hi - lo > resolution:
         middle = (lo + hi) // 2
@@ -242,7 +244,7 @@ def smallest_sufficient_cap(ledger: Ledger, resolution: int = 2 << 20) -> Cachin
             hi = middle
             continue
         try:
-            best, hi = replay_allocator(ledger, cap_bytes=middle), middle
+            best, hi = replay_allocator(ledger, cap_bytes=middle, sizes=sizes), middle
         except OutOfMemory:
             lo = middle
     return best

@@ -22,8 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch._subclasses.fake_tensor import (FakeTensor, FakeTensorMode, in_kernel_invocation_manager,
-                                          unset_fake_temporarily)
+from torch._subclasses.fake_tensor import (FakeTensor, FakeTensorMode, disable_fake_tensor_cache,
+                                          in_kernel_invocation_manager, unset_fake_temporarily)
 from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
@@ -38,6 +38,7 @@ Layout = tuple[tuple[int, ...], tuple[int, ...], torch.dtype, torch.device]
 Recipe = tuple[type | None, tuple[Layout | None, ...]] | str
 
 _SCALARS = (int, float, bool, str, type(None), torch.dtype, torch.device, torch.layout, torch.memory_format)
+_PLAIN_SCALARS = frozenset({int, float, bool, type(None)})
 
 
 class MemlintFakeMode(FakeTensorMode):
@@ -55,9 +56,21 @@ class MemlintFakeMode(FakeTensorMode):
     and fails there with PyTorch's own error.
     """
 
+    # The recipes of every instance (None: the op goes the usual way), and the rules of shape-free recipes
+    # (see _shape_free_key). A recipe is a layout, whichever mode makes the tensors, so like
+    # FakeTensorMode's cache they serve every analysis of a process.
+    _recipes: dict[tuple, Recipe | None] = {}
+    _rules: dict[tuple, Rule | None] = {}
+
     def __init__(self) -> None:
         super().__init__(allow_non_fake_inputs=True)  # accepts real tensors the user made at import time
-        self._recipes: dict[tuple, Recipe | None] = {}  # None: this op goes the usual way
+
+    @classmethod
+    def cache_clear(cls) -> None:
+        """FakeTensorMode's cache, the recipes and the rules, all shared by all instances."""
+        FakeTensorMode.cache_clear()
+        cls._recipes.clear()
+        cls._rules.clear()
 
     def __deepcopy__(self, memo: dict) -> MemlintFakeMode:
         """The mode itself. ``copy.deepcopy`` of a module built on fake tensors (``nn.TransformerEncoder``
@@ -75,16 +88,24 @@ class MemlintFakeMode(FakeTensorMode):
             return self._detached(args[0])
         if func is aten.lift_fresh.default and _a_value(args[0]):
             return self._keeping_value(args[0])
-        key = self._key(func, args, kwargs) if kind in (FRESH, IN_PLACE) else None
+        key = self._key(func, args, kwargs, kind) if kind in (FRESH, IN_PLACE) else None
         if key is None:
             return super().dispatch(func, types, args, kwargs)
         if key not in self._recipes:
-            if func in _LAYOUT_FROM_META and not kwargs:
+            shape_free = _shape_free_key(func, key, args, kwargs) if kind == FRESH else None
+            if shape_free is not None and self._rules.get(shape_free[0]) is not None:
+                self._recipes[key] = _recipe_by_rule(self._rules[shape_free[0]], shape_free[1])
+            elif func in _LAYOUT_FROM_META and not kwargs:
                 self._recipes[key] = _outputs_on_meta(func, args)
+                self._learn_rule(shape_free, self._recipes[key])
             elif kind == FRESH:
-                out = super().dispatch(func, types, args, kwargs)
-                self._recipes[key] = self._recipe(out, args, kwargs)
-                return out
+                # Without FakeTensorMode's cache: its key and entry (a pytree walk of the arguments, then of
+                # the outputs) would cost more than the meta kernel, and the recipe answers the next call.
+                with disable_fake_tensor_cache(self):
+                    out = super().dispatch(func, types, args, kwargs)
+                recipe = self._recipes[key] = self._recipe(out, args, kwargs)
+                self._learn_rule(shape_free, recipe)
+                return self._made(recipe) if recipe is not None and _repeats_a_tensor(out) else out
             else:
                 before = _storage_layout(args[0])
                 out = super().dispatch(func, types, args, kwargs)
@@ -95,10 +116,23 @@ class MemlintFakeMode(FakeTensorMode):
             return super().dispatch(func, types, args, kwargs)
         return args[0] if recipe is IN_PLACE else self._made(recipe)
 
-    def _key(self, func: Any, args: tuple, kwargs: dict) -> tuple | None:
-        """The op, its arguments' layouts and values, and the global state that decides a factory's output."""
+    def _key(self, func: Any, args: tuple, kwargs: dict, kind: str) -> tuple | None:
+        """The op, its arguments' layouts and values, and the global state that decides a factory's output.
+
+        An in-place op on one tensor whose other arguments are numbers (``uniform_``, ``zero_``,
+        ``relu_``: building a model runs one per parameter, each shape a miss) is keyed by the tensor's
+        dtype, device and whether it overlaps itself (an expanded tensor, which in-place ops refuse),
+        not by its shape: what it does to its argument does not depend on the shape.
+        """
         key: list[Any] = [func, torch.get_default_dtype(), torch._C._get_default_device(),
                           torch.is_inference_mode_enabled()]
+        target = args[0] if args else None
+        if kind == IN_PLACE and self._own_without_value(target) and target.layout == torch.strided \
+                and all(type(value) in _PLAIN_SCALARS for value in (*args[1:], *kwargs.values())):
+            overlaps = any(stride == 0 and size > 1 for size, stride in zip(target.shape, target.stride()))
+            key += [target.dtype, target.device, overlaps, *((type(v), v) for v in args[1:]),
+                    *((name, type(v), v) for name, v in kwargs.items())]
+            return tuple(key)
         if not (self._add_to_key(key, args) and self._add_to_key(key, kwargs.items())):
             return None
         return tuple(key)
@@ -120,10 +154,16 @@ class MemlintFakeMode(FakeTensorMode):
         return True
 
     def _recipe(self, out: Any, args: tuple, kwargs: dict) -> Recipe | None:
-        """How to make ``out`` again, if every tensor in it is a fresh fake tensor of its own; else None."""
+        """How to make ``out`` again, if every tensor in it is a fresh fake tensor that owns its storage; else None.
+
+        An output that repeats an earlier one is made as a tensor of its own. The schema promises fresh
+        outputs and the CPU kernels keep that promise, but a meta kernel may not: oneDNN's LSTM backward
+        (``mkldnn_rnn_layer_backward``) returns one tensor for both bias gradients, where FakeTensorMode's
+        cache, on a hit, and a real CPU step return two.
+        """
         container = type(out) if isinstance(out, (tuple, list)) else None
         outputs = out if container is not None else (out,)
-        seen = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+        inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
         layouts: list[Layout | None] = []
         for tensor in outputs:
             if tensor is None:
@@ -133,11 +173,15 @@ class MemlintFakeMode(FakeTensorMode):
                     and tensor.storage_offset() == 0 and not tensor.requires_grad):
                 return None
             storage = tensor.untyped_storage()
-            if storage._cdata in seen or storage.nbytes() != _dense_nbytes(tensor):
+            if storage._cdata in inputs or storage.nbytes() != _dense_nbytes(tensor):
                 return None
-            seen.add(storage._cdata)
             layouts.append(_layout(tensor))
         return container, tuple(layouts)
+
+    def _learn_rule(self, shape_free: tuple[tuple, FakeTensor] | None, recipe: Recipe | None) -> None:
+        """Keep the rule of the first recipe of a shape-free key (None where its outputs follow none)."""
+        if shape_free is not None and shape_free[0] not in self._rules:
+            self._rules[shape_free[0]] = _rule_of(recipe, shape_free[1])
 
     def _detached(self, tensor: FakeTensor) -> FakeTensor:
         """``tensor.detach()`` as FakeTensorMode makes it, without its cache: the meta kernel on the
@@ -175,6 +219,11 @@ class MemlintFakeMode(FakeTensorMode):
     def _own_without_value(self, tensor: torch.Tensor) -> bool:
         """One of this mode's fake tensors that keeps no value (a constant an update would invalidate)."""
         return isinstance(tensor, FakeTensor) and tensor.fake_mode is self and tensor.constant is None
+
+
+def _repeats_a_tensor(out: Any) -> bool:
+    tensors = [t for t in (out if isinstance(out, (tuple, list)) else (out,)) if t is not None]
+    return len({id(t) for t in tensors}) < len(tensors)
 
 
 def _a_value(tensor: Any) -> bool:
@@ -242,6 +291,94 @@ def _storage_layout(tensor: Any) -> tuple | None:
     if not isinstance(tensor, torch.Tensor):
         return None
     return _layout(tensor), tensor.storage_offset(), tensor.untyped_storage()._cdata, tensor.untyped_storage().nbytes()
+
+
+# Shape-free recipes. A pointwise op on tensors of one layout makes outputs of that layout, and batch
+# norm makes its output like its input and its statistics one per channel, whatever the shape: so the
+# batch search's second batch size, where every op is a miss of the recipes, needs no meta kernel for them.
+# A rule says, per output, which of these it is (None: an output the op leaves out); it is learnt from
+# the first recipe of its shape-free key, and an op whose outputs match none of them has no rule.
+LIKE_INPUT, PER_CHANNEL, EMPTY = "like input", "per channel", "empty"
+Rule = tuple[type | None, tuple[tuple[str, torch.dtype, torch.device] | None, ...]]
+
+
+def _shape_free_key(func: Any, key: tuple, args: tuple, kwargs: dict) -> tuple[tuple, FakeTensor] | None:
+    """The key of an op's rule and the tensor its outputs follow, where the op can have one; else None.
+
+    The tensor must be dense in some order of its dimensions (contiguous, channels-last, any permutation:
+    its strides are then fixed by that order and its shape). The key holds that order, which dimensions
+    have size 1, and of every other argument its value, or, for a tensor, its dtype and device and whether
+    it has the followed tensor's layout (every tensor of a pointwise op must) or is one value per channel.
+    """
+    pointwise = func not in _LAYOUT_FROM_META
+    if pointwise and torch.Tag.pointwise not in func.tags:
+        return None
+    tensors = [a for a in args if isinstance(a, FakeTensor)]
+    if not tensors:
+        return None
+    followed = tensors[0] if pointwise or func is aten.native_batch_norm.default else args[1]
+    shape, strides = followed.shape, followed.stride()
+    order = _dense_order(shape, strides)
+    if order is None or (not pointwise and len(shape) < 2):
+        return None
+    parts: list[Any] = [*key[:4], order, tuple(size == 1 for size in shape), followed.dtype, followed.device]
+    for name, value in (*enumerate(args), *kwargs.items()):
+        if isinstance(value, FakeTensor):
+            if value.shape == shape and value.stride() == strides:
+                parts.append((name, LIKE_INPUT, value.dtype, value.device))
+            elif not pointwise and value.shape == (shape[1],) and value.stride() == (1,):
+                parts.append((name, PER_CHANNEL, value.dtype, value.device))
+            else:
+                return None
+        elif isinstance(value, (list, tuple)):
+            if not all(type(item) in _PLAIN_SCALARS for item in value):
+                return None
+            parts.append((name, type(value), tuple(value)))
+        elif isinstance(value, _SCALARS):
+            parts.append((name, type(value), value))
+        else:
+            return None
+    return tuple(parts), followed
+
+
+def _dense_order(shape: Any, strides: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The dimensions, outermost first, when the strides are exactly a dense tensor's in that order
+    (size-1 dimensions included, and no empty tensor); else None."""
+    order = sorted(range(len(shape)), key=strides.__getitem__, reverse=True)
+    expected = 1
+    for dim in reversed(order):
+        if strides[dim] != expected:
+            return None
+        expected *= shape[dim]
+    return tuple(order) if expected > 0 else None
+
+
+def _rule_of(recipe: Recipe | None, followed: torch.Tensor) -> Rule | None:
+    if not isinstance(recipe, tuple):
+        return None
+    container, layouts = recipe
+    like = (tuple(followed.shape), followed.stride())
+    channel = ((followed.shape[1],), (1,)) if followed.dim() >= 2 else None
+    outputs = []
+    for layout in layouts:
+        if layout is None:
+            outputs.append(None)
+            continue
+        placed = layout[:2]
+        kind = LIKE_INPUT if placed == like else PER_CHANNEL if placed == channel else \
+            EMPTY if placed == ((0,), (1,)) else None
+        if kind is None:
+            return None
+        outputs.append((kind, layout[2], layout[3]))
+    return container, tuple(outputs)
+
+
+def _recipe_by_rule(rule: Rule, followed: torch.Tensor) -> Recipe:
+    placed = {LIKE_INPUT: (tuple(followed.shape), followed.stride()), EMPTY: ((0,), (1,))}
+    if followed.dim() >= 2:
+        placed[PER_CHANNEL] = ((followed.shape[1],), (1,))
+    container, outputs = rule
+    return container, tuple(None if output is None else (*placed[output[0]], *output[1:]) for output in outputs)
 
 
 def _outputs_on_meta(func: Any, args: tuple) -> Recipe | None:

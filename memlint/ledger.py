@@ -191,7 +191,7 @@ def _allocations(events: list[tuple[int, int, str]]) -> list[tuple[int, int, str
 
 
 def same_allocations(first: Ledger, second: Ledger) -> bool:
-    """Whether two simulations allocated and freed their storages in the same order, as ``interpolate`` needs.
+    """Whether two simulations allocated and freed their storages in the same order, as ``interpolated_sizes`` needs.
 
     They do not where control flow depends on the batch size: then simulate instead.
     """
@@ -275,18 +275,14 @@ def _batch_dependent_allocations(ledger: Ledger, events: list[tuple[int, int, st
             and not ledger.storages[sid].persistent_workspace]
 
 
-def interpolate(first: Ledger, first_batch: int, second: Ledger, second_batch: int, batch: int) -> Ledger | None:
-    """The ledger at ``batch`` from two simulations with ``same_allocations``.
+def interpolated_sizes(first: Ledger, first_batch: int, second: Ledger, second_batch: int,
+                       batch: int) -> list[int] | None:
+    """The storages' sizes at ``batch`` from two simulations with ``same_allocations`` (their events are the first's).
 
     Every storage's size is then affine in the batch size (a shape's batch dimension times
     the rest), so two points determine it; sizes round up, never down. Returns None where
-    a size would be negative.
+    a size would be negative. Sizes, not a ledger: the batch search replays some twenty of them.
     """
-    span = second_batch - first_batch
-    storages = []
-    for a, b in zip(first.storages, second.storages):
-        size = a.nbytes + -(-(b.nbytes - a.nbytes) * (batch - first_batch) // span)
-        if size < 0:
-            return None
-        storages.append(a.resized(size))
-    return Ledger(storages=storages, events=first.events, iteration_marks=first.iteration_marks)
+    span, steps = second_batch - first_batch, batch - first_batch
+    sizes = [a.nbytes + -(-(b.nbytes - a.nbytes) * steps // span) for a, b in zip(first.storages, second.storages)]
+    return None if sizes and min(sizes) < 0 else sizes

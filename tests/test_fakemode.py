@@ -10,7 +10,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memlint.estimator import analyse
-from memlint.fakemode import new_fake_mode
+from memlint.fakemode import MemlintFakeMode, new_fake_mode
 from memlint.targets import resolve_target
 
 aten = torch.ops.aten
@@ -59,22 +59,37 @@ BATCH_NORM_CASES = [
 ]
 
 
+def _other_batch(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (shape[0] + 3, *shape[1:])
+
+
+def _has_rule(func) -> bool:
+    """Whether the mode learnt a shape-free rule for ``func`` (the ops it decomposes into learn theirs too)."""
+    return any(rule is not None for key, rule in MemlintFakeMode._rules.items() if key[0] is func)
+
+
 @pytest.mark.parametrize("shape,layout,dtype,affine,training,stats", BATCH_NORM_CASES)
 def test_batch_norm_forward_is_laid_out_as_fake_tensor_mode_lays_it_out(shape, layout, dtype, affine, training, stats):
     channels = shape[1]
     param_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype  # autocast's mixed case
 
-    def make_args():
+    def make_args(at=shape):
         weight = torch.empty(channels, dtype=param_dtype) if affine else None
         bias = torch.empty(channels, dtype=param_dtype) if affine else None
         running = [torch.empty(channels, dtype=param_dtype) for _ in range(2)] if stats else [None, None]
-        return _tensor(shape, dtype, layout), weight, bias, *running, training, 0.1, 1e-5
+        return _tensor(at, dtype, layout), weight, bias, *running, training, 0.1, 1e-5
 
     expected = _run(FakeTensorMode(allow_non_fake_inputs=True), aten.native_batch_norm.default, make_args)
+    MemlintFakeMode.cache_clear()
     mode = new_fake_mode()
     assert _run(mode, aten.native_batch_norm.default, make_args) == expected
     assert _run(mode, aten.native_batch_norm.default, make_args) == expected  # from the kept layouts
     assert any(mode._recipes.values()), "the shortcut was not taken"
+    # At another batch size, from the rule the first shape taught (where the input is dense).
+    MemlintFakeMode.cache_clear()
+    _run(mode, aten.native_batch_norm.default, lambda: make_args(_other_batch(shape)))
+    assert _run(mode, aten.native_batch_norm.default, make_args) == expected
+    assert _has_rule(aten.native_batch_norm.default) == (layout != "sliced")
 
 
 @pytest.mark.parametrize("mask", [[True, True, True], [True, False, False], [False, True, True]])
@@ -89,15 +104,57 @@ def test_batch_norm_backward_is_laid_out_as_fake_tensor_mode_lays_it_out(mask, s
                                                                           training):
     channels = shape[1]
 
-    def make_args():
+    def make_args(at=shape):
         stats = [torch.empty(channels) for _ in range(4)]
-        return (_tensor(shape, dtype, grad_layout), _tensor(shape, dtype, layout), torch.empty(channels), *stats,
+        return (_tensor(at, dtype, grad_layout), _tensor(at, dtype, layout), torch.empty(channels), *stats,
                 training, 1e-5, mask)
 
     expected = _run(FakeTensorMode(allow_non_fake_inputs=True), aten.native_batch_norm_backward.default, make_args)
+    MemlintFakeMode.cache_clear()
     mode = new_fake_mode()
     assert _run(mode, aten.native_batch_norm_backward.default, make_args) == expected
     assert any(mode._recipes.values())
+    MemlintFakeMode.cache_clear()
+    _run(mode, aten.native_batch_norm_backward.default, lambda: make_args(_other_batch(shape)))
+    assert _run(mode, aten.native_batch_norm_backward.default, make_args) == expected
+    # The gradient must be laid out as the input (a sliced input has no rule).
+    assert _has_rule(aten.native_batch_norm_backward.default) == (layout == grad_layout != "sliced")
+
+
+def _pointwise_cases():
+    """Pointwise ops, each with its arguments as a function of the tensor maker: same dtypes, mixed dtypes
+    (promotion), a bool result, a scalar argument, and a 0-dim tensor (not of the input's layout: no rule)."""
+    t = _tensor
+    return [
+        ("add", aten.add.Tensor, lambda at, lay: (t(at, layout=lay), t(at, layout=lay))),
+        ("mul-promoted", aten.mul.Tensor, lambda at, lay: (t(at, layout=lay), t(at, torch.bfloat16, lay))),
+        ("threshold_backward", aten.threshold_backward.default,
+         lambda at, lay: (t(at, torch.bfloat16, lay), t(at, torch.bfloat16, lay), 0.0)),
+        ("relu", aten.relu.default, lambda at, lay: (t(at, layout=lay),)),
+        ("gelu", aten.gelu.default, lambda at, lay: (t(at, torch.float16, lay),)),
+        ("eq", aten.eq.Tensor, lambda at, lay: (t(at, layout=lay), t(at, layout=lay))),
+        ("where", aten.where.self, lambda at, lay: (t(at, torch.bool, lay), t(at, layout=lay), t(at, layout=lay))),
+        ("div-scalar", aten.div.Scalar, lambda at, lay: (t(at, torch.int64, lay), 2)),
+        ("add-0-dim", aten.add.Tensor, lambda at, lay: (t(at, layout=lay), torch.tensor(2.0))),
+    ]
+
+
+@pytest.mark.parametrize("name,func,make", _pointwise_cases(), ids=[case[0] for case in _pointwise_cases()])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "transposed", "sliced"])
+@pytest.mark.parametrize("shape", [(3, 6, 4, 5), (3, 6, 1, 5), (1, 6, 4, 4)])
+def test_a_pointwise_rule_lays_out_another_shape_as_fake_tensor_mode_does(monkeypatch, name, func, make, layout, shape):
+    """A rule learnt at another batch size answers without FakeTensorMode, where one applies: dense tensors of
+    one layout, the same dimensions of size 1 (a batch of 1 is not the batch of 4 it was learnt at)."""
+    expected = _run(FakeTensorMode(allow_non_fake_inputs=True), func, lambda: make(shape, layout))
+    MemlintFakeMode.cache_clear()
+    mode = new_fake_mode()
+    _run(mode, func, lambda: make(_other_batch(shape), layout))
+    assert _has_rule(func) == (layout != "sliced" and name != "add-0-dim")
+    asked = []
+    dispatch = FakeTensorMode.dispatch
+    monkeypatch.setattr(FakeTensorMode, "dispatch", lambda *a, **k: asked.append(a[1]) or dispatch(*a, **k))
+    assert _run(mode, func, lambda: make(shape, layout)) == expected
+    assert (func not in asked) == (_has_rule(func) and shape[0] > 1)
 
 
 def test_a_batch_norm_the_kernels_refuse_fails_with_their_error():
@@ -171,7 +228,7 @@ def test_the_shortcuts_change_no_estimate(monkeypatch, build, options, target):
     def report() -> dict:
         # From a cold cache, both: FakeTensorMode's cache is shared by all its instances, and some ops
         # differ between a miss and a hit (LSTM's backward returns one bias gradient twice on a miss).
-        FakeTensorMode.cache_clear()
+        MemlintFakeMode.cache_clear()
         return analyse(workload(build, 8, **options), resolve_target(target), 0.8).to_json(full=True)
 
     fast = report()
