@@ -5,6 +5,7 @@ This is the stage between the simulation (which records what is allocated) and t
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -16,7 +17,7 @@ from memlint.build import (SmallValuesMode, build_fake_model, fake_parameter_con
                            libraries_see_real_tensors)
 from memlint.errors import ModelError
 from memlint.fakemode import new_fake_mode
-from memlint.gpu_kernels import GpuKernelMode
+from memlint.gpu_kernels import GpuKernelMode, fused_encoder_layers
 from memlint.library_memory import (add_cublas_workspaces, cublas_workspace_bytes, cudnn_workspace_bytes,
                                     persistent_workspace_bytes)
 from memlint.ledger import Ledger, from_first_iteration, interpolated_sizes, same_allocations
@@ -125,9 +126,14 @@ class Estimator:
         if iterations is not None:
             plan.iterations = iterations
         # The CUDA kernels' stand-ins on a GPU; on a host, the fake CPU tensors run the CPU's own kernels.
-        kernels = (GpuKernelMode(),) if self.target.kind == "gpu" else ()
-        return _run_model_code(lambda: simulate_step(self.model, plan, self.fake_mode, (*kernels, *extra_modes)),
-                                 self.workload, self.model)
+        gpu = self.target.kind == "gpu"
+        kernels = (GpuKernelMode(),) if gpu else ()
+
+        def run() -> SimulationResult:
+            with fused_encoder_layers(self.model) if gpu else contextlib.nullcontext():
+                return simulate_step(self.model, plan, self.fake_mode, (*kernels, *extra_modes))
+
+        return _run_model_code(run, self.workload, self.model)
 
     def allocator_cap(self) -> int:
         """Bytes the caching allocator may reserve: the budget less what lives outside it."""

@@ -25,16 +25,23 @@ tensors run the CPU's own kernels, as the real step does):
   (``_cudnn_rnn`` in aten/src/ATen/native/cudnn/RNN.cpp), which keeps one *reserve* buffer for the
   backward in place of the CPU's per-layer saved tensors, and borrows a workspace while it runs. See
   ``_CudnnRnn`` for what was measured.
+
+And one module: ``nn.TransformerEncoderLayer`` in inference takes PyTorch's fast path, one fused
+kernel, unless an argument has ``__torch_function__``, which fake tensors under these modes do; see
+``fused_encoder_layers``.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from memlint.autocast import CudaAutocastMode
 from memlint.function_modes import SeeThroughMode
 
 LSE_PAD = 32  # kAlignLSE in the memory-efficient attention kernel
@@ -253,3 +260,108 @@ class GpuKernelMode(SeeThroughMode):
         if func in RNN_GATES and isinstance(args[2], list):  # the padded form; packed sequences run as on the CPU
             return _gpu_rnn(func, *args, **kwargs)
         return self.call(func, args, kwargs)
+
+
+@contextlib.contextmanager
+def fused_encoder_layers(model: torch.nn.Module) -> Iterator[None]:
+    """Run the model's ``nn.TransformerEncoderLayer``s as PyTorch runs them for its user, fast path included.
+
+    In eval mode without autograd, ``TransformerEncoderLayer.forward`` calls one fused kernel,
+    ``_transformer_encoder_layer_fwd`` (aten/src/ATen/native/transformers/transformer.cpp), when its
+    conditions hold; one of them is that no argument has ``__torch_function__``, which the simulation's
+    fake tensors under its modes fail, so without this it would run the layer op by op. The fused kernel
+    keeps less: its feed-forward applies ReLU in place (``ffn``), and its attention is
+    ``native_multi_head_attention_cuda``. Measured on an H200 (benchmarks/measurements/
+    h200_2026-11-26d_rnn.json, ``encoder``, five layers of 256 to 1024 wide, with and without a padding
+    mask, both norm orders): the layer peaks at 6 (post-norm) or 7 (pre-norm) activations of the
+    input's size above it, where op by op it holds 9 and 10 (the ReLU's copy of the 4-wide hidden).
+    The layers' own ``forward`` is replaced for the simulation only: the model is memlint's copy.
+    """
+    layers = [module for module in model.modules()  # not a layer whose forward its model replaced already
+              if isinstance(module, torch.nn.TransformerEncoderLayer) and "forward" not in vars(module)]
+    for layer in layers:
+        layer.forward = functools.partial(_encoder_layer, layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
+def _encoder_layer(layer: torch.nn.TransformerEncoderLayer, src: torch.Tensor, src_mask: torch.Tensor | None = None,
+                   src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    if not _takes_fast_path(layer, src):
+        return type(layer).forward(layer, src, src_mask, src_key_padding_mask, is_causal)
+    # As TransformerEncoderLayer.forward prepares the masks (a boolean mask becomes one of the input's dtype).
+    padding_mask = F._canonical_mask(mask=src_key_padding_mask, mask_name="src_key_padding_mask",
+                                     other_type=F._none_or_dtype(src_mask), other_name="src_mask",
+                                     target_type=src.dtype)
+    attention_mask = F._canonical_mask(mask=src_mask, mask_name="src_mask", other_type=None, other_name="",
+                                       target_type=src.dtype, check_other=False)
+    mask, _ = layer.self_attn.merge_masks(attention_mask, padding_mask, src)
+    return _fused_encoder_layer(layer, src, mask)
+
+
+def _takes_fast_path(layer: torch.nn.TransformerEncoderLayer, src: torch.Tensor) -> bool:
+    """``TransformerEncoderLayer.forward``'s conditions for the fused kernel, but ``has_torch_function``
+    (and forward hooks, which a user's model has not and the simulation's own must not count)."""
+    attention = layer.self_attn
+    weights = (attention.in_proj_weight, attention.in_proj_bias, attention.out_proj.weight, attention.out_proj.bias,
+               layer.norm1.weight, layer.norm1.bias, layer.norm2.weight, layer.norm2.bias, layer.linear1.weight,
+               layer.linear1.bias, layer.linear2.weight, layer.linear2.bias)
+    autocast = any(isinstance(mode, CudaAutocastMode) for mode in torch.overrides._get_current_function_mode_stack())
+    return (torch.backends.mha.get_fastpath_enabled() and src.dim() == 3 and not layer.training
+            and attention.batch_first and attention._qkv_same_embed_dim and bool(layer.activation_relu_or_gelu)
+            and layer.norm1.eps == layer.norm2.eps and attention.num_heads % 2 == 0 and not autocast
+            and all(weight is not None for weight in weights)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (src, *weights))))
+
+
+def _fused_encoder_layer(layer: torch.nn.TransformerEncoderLayer, src: torch.Tensor,
+                         mask: torch.Tensor | None) -> torch.Tensor:
+    """``transformer_encoder_layer_forward``: its ops and the order it lets go of their outputs."""
+    def norm(x: torch.Tensor, module: torch.nn.LayerNorm) -> torch.Tensor:
+        return F.layer_norm(x, (x.shape[-1],), module.weight, module.bias, layer.norm1.eps)
+
+    x = norm(src, layer.norm1) if layer.norm_first else src
+    x = _fused_self_attention(x, layer.self_attn, mask)
+    x.add_(src)
+    if not layer.norm_first:
+        x = norm(x, layer.norm1)
+    residual = x
+    if layer.norm_first:
+        x = norm(x, layer.norm2)
+    hidden = F.linear(x, layer.linear1.weight, layer.linear1.bias)  # ffn(): GELU out of place, ReLU in place
+    hidden = F.gelu(hidden) if layer.activation_relu_or_gelu == 2 else hidden.relu_()
+    x = F.linear(hidden, layer.linear2.weight, layer.linear2.bias)
+    del hidden
+    x.add_(residual)
+    return norm(x, layer.norm2) if not layer.norm_first else x
+
+
+def _fused_self_attention(x: torch.Tensor, attention: torch.nn.MultiheadAttention,
+                          mask: torch.Tensor | None) -> torch.Tensor:
+    """``native_multi_head_attention_cuda`` on one input: without a mask, and with heads a multiple of 8 wide,
+    a packed projection and a fused attention kernel; else the projection, the biases added into a new
+    ``(3, B, H, T, D)`` tensor, the ``T x T`` scores, their softmax (a new tensor), the context written into
+    the queries' storage, and a transposed copy of it for the output projection."""
+    batch, length, width = x.shape
+    heads = attention.num_heads
+    head_width = width // heads
+    if mask is None and head_width % 8 == 0:
+        qkv = F.linear(x, attention.in_proj_weight, attention.in_proj_bias)
+        query, key, value = (part.view(batch, -1, heads, head_width).transpose(1, 2) for part in qkv.chunk(3, -1))
+        context = F.scaled_dot_product_attention(query, key, value)
+        return F.linear(context.transpose(1, 2).reshape(batch, -1, width), attention.out_proj.weight,
+                        attention.out_proj.bias)
+    qkv = torch.matmul(x, attention.in_proj_weight.t())
+    packed = qkv.new_empty((3, batch, heads, length, head_width))
+    packed.copy_(qkv.view(batch, length, 3, heads, head_width).permute(2, 0, 3, 1, 4))
+    packed.add_(attention.in_proj_bias.view(3, 1, heads, 1, head_width))
+    del qkv
+    query, key, value = packed
+    scores = torch.softmax(torch.matmul(query, key.transpose(-1, -2)), -1)
+    torch.matmul(scores, value, out=query)
+    del scores
+    context = query.transpose(1, 2).contiguous()
+    return F.linear(context.view(batch, length, width), attention.out_proj.weight, attention.out_proj.bias)
