@@ -347,3 +347,60 @@ def test_dev001_indices_computed_from_sizes_are_info_but_mixing_with_inputs_warn
     """)
     assert [(d.line, d.severity) for d in found] == [
         (7, Severity.INFO), (8, Severity.INFO), (10, Severity.WARNING)]
+
+
+POSITION_SOURCES = {
+    "decorators, comments and a header": '''\
+# a header comment
+"""Docstring."""
+import torch; import torch.nn as nn  # two statements on one line
+
+
+# a comment before a decorated class
+@dataclass
+# a comment between decorators
+@other(
+    1,
+)
+class Net(nn.Module):
+    def forward(self, x):
+        return torch.zeros(3) + x; y = torch.ones(2)
+
+if __name__ == "__main__":
+    @staticmethod
+    def nested(): return torch.arange(4)
+''',
+    "windows newlines": "import torch\r\n\r\n\r\ndef f(x):\r\n    return torch.zeros(2, device='cpu')\r\n",
+    "a trailing comment and no final newline": "import torch\nx = torch.ones(1)\n# the end",
+}
+
+
+@pytest.mark.parametrize("name", POSITION_SOURCES)
+def test_positions_from_a_statement_alone_are_those_of_the_whole_module(name):
+    """``position`` generates only the top-level statement that holds a node; every node must start where
+    libcst's PositionProvider, which generates the whole module, says it does."""
+    import libcst as cst
+    from libcst.metadata import PositionProvider
+
+    from memlint.rules._static import _Positions, position, walk
+
+    source = POSITION_SOURCES[name]
+    ctx = RuleContext(path="example.py", source=source, settings=Settings())
+    whole = ctx.wrapper.resolve(PositionProvider)
+    nodes = walk(ctx.module, (cst.Call, cst.Name, cst.Attribute, cst.SimpleString, cst.Decorator), stop=())
+    placer = _Positions(ctx.module, source)
+    assert nodes and all(placer.start(node) is not None for node in nodes)  # no fallback needed here
+    assert [position(ctx, node) for node in nodes] == [(whole[n].start.line, whole[n].start.column + 1) for n in nodes]
+
+
+def test_a_statement_the_two_parsers_disagree_on_is_placed_by_the_whole_module():
+    """Python's ``ast`` cannot place statements it cannot parse: ``position`` then asks the whole module."""
+    import libcst as cst
+
+    from memlint.rules._static import _Positions, position, walk
+
+    source = "import torch\nx = torch.ones(1)\n"
+    ctx = RuleContext(path="example.py", source=source, settings=Settings())
+    call = walk(ctx.module, cst.Call)[0]
+    assert _Positions(ctx.module, "this is not python (\n").start(call) is None
+    assert position(ctx, call) == (2, 5)
