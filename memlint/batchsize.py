@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import libcst as cst
-import libcst.matchers as m
 from libcst.metadata import MetadataWrapper, PositionProvider
 
 
@@ -41,7 +40,7 @@ class _Finder(cst.CSTVisitor):
             for arg in node.args:
                 if arg.keyword is not None and arg.keyword.value == "batch_size":
                     self._add(arg.value, "DataLoader(batch_size=...)")
-        elif name == "add_argument" and node.args and m.matches(node.args[0].value, m.SimpleString()):
+        elif name == "add_argument" and node.args and isinstance(node.args[0].value, cst.SimpleString):
             flag = node.args[0].value.evaluated_value  # type: ignore[union-attr]
             if isinstance(flag, str) and flag.lstrip("-").replace("-", "_") in ("batch_size", "bs", "batch"):
                 for arg in node.args:
