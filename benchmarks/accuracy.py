@@ -6,11 +6,13 @@ For every record of the calibration files (and benchmarks/measurements/*.json, w
 ground truth measured with the same protocol goes), prints measured and estimated
 ``peak_allocated_bytes`` (vs ``torch.cuda.max_memory_allocated()``), the relative error, and
 the summary lines. With --peers, PyTorch's MemTracker (fake-tensor mode) and torchinfo's
-"Estimated Total Size" run on the same records when they are installed.
+"Estimated Total Size" run on the same records when they are installed. The inference section also
+reads the single-layer records of ``gpu_measure.py``'s encoder phase (``encoder-layer-...``).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -21,7 +23,7 @@ from typing import Any, Iterator
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from workloads import IMAGE_MODELS, OPTIMIZERS, spec_for, torchvision_available  # noqa: E402
+from workloads import IMAGE_MODELS, OPTIMIZERS, encoder_layer_name, spec_for, torchvision_available  # noqa: E402
 
 import memlint.gpu_kernels  # noqa: E402
 from memlint.estimator import Workload, analyse  # noqa: E402
@@ -46,6 +48,16 @@ def records(calibration: Path, sources: str = "all") -> Iterator[dict[str, Any]]
     for file in record_files([calibration / "h200_public.json", calibration / "h200_public_more.json"], sources):
         for record in _file_records(file):
             yield {**record, "source": file.stem}
+
+
+def layer_records(sources: str = "all") -> Iterator[dict[str, Any]]:
+    """Inference records of single layers (the encoder phase of ``gpu_measure.py``): no training peak.
+    Their base held the layer and its input, so their peak is above both."""
+    for file in record_files([], sources):
+        for call in json.loads(file.read_text()).get("encoder", []):
+            yield {"set": "encoder", "model": encoder_layer_name(call), "batch": call["batch"], "optimizer": "none",
+                   "precision": "fp32", "infer": call["peak_above_base"], "infer_includes_inputs": False,
+                   "source": file.stem}
 
 
 def _file_records(file: Path) -> Iterator[dict[str, Any]]:
@@ -185,7 +197,7 @@ def print_inference(args: argparse.Namespace, have_vision: bool) -> None:
     print("\nInference (--mode infer) vs infer_peak_delta: peak of one no_grad forward above the weights")
     print(f"{'model':<20}{'batch':>6}  {'precision':<11}{'measured MB':>12}{'memlint MB':>12}{'err':>8}")
     errors, seen = [], set()
-    for record in records(args.calibration, args.records):
+    for record in itertools.chain(records(args.calibration, args.records), layer_records(args.records)):
         key = (record["model"], record["batch"], record["precision"])
         if record.get("infer") is None or key in seen or (args.only and record["model"] != args.only) or (
                 record["model"] in IMAGE_MODELS and not have_vision):

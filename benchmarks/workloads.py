@@ -8,6 +8,7 @@ need transformers. Nothing downloads weights: every model is built from its conf
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -166,11 +167,45 @@ class _NativeModel(torch.nn.Module):
         return self.head(hidden[0] if isinstance(hidden, tuple) else hidden)
 
 
+class EncoderLayer(torch.nn.Module):
+    """One ``nn.TransformerEncoderLayer`` as ``gpu_measure.py``'s encoder phase ran it (batch first, eval mode
+    without autograd), with an all-False padding mask where ``mask``."""
+
+    def __init__(self, width: int, heads: int, ff: int, norm_first: bool, mask: bool, batch_first: bool = True) -> None:
+        super().__init__()
+        self.mask = mask
+        self.layer = torch.nn.TransformerEncoderLayer(width, heads, ff, batch_first=batch_first, norm_first=norm_first)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mask:
+            return self.layer(x, src_key_padding_mask=torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device))
+        return self.layer(x)
+
+
+# The encoder phase's records by name: "encoder-layer-<width>w-<heads>h-<ff>ff-<seq>s-<post|pre>[-mask]".
+_ENCODER_LAYER = re.compile(r"encoder-layer-(\d+)w-(\d+)h-(\d+)ff-(\d+)s-(post|pre)(-mask)?$")
+
+
+def encoder_layer_name(call: dict[str, Any]) -> str:
+    """The workload name of one record of the encoder phase (benchmarks/measurements/*_rnn.json, ``encoder``)."""
+    return (f"encoder-layer-{call['width']}w-{call['heads']}h-{call['ff']}ff-{call['seq']}s-"
+            f"{'pre' if call['norm_first'] else 'post'}{'-mask' if call['mask'] else ''}")
+
+
+def _encoder_layer_spec(model: str, match: re.Match) -> Spec:
+    width, heads, ff, seq = (int(group) for group in match.groups()[:4])
+    return Spec(model, functools.partial(EncoderLayer, width, heads, ff, match[5] == "pre", bool(match[6])),
+                lambda batch: torch.randn(batch, seq, width), lambda output, _x: output.float().mean())
+
+
 def _token_loss(output: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output.flatten(0, 1).float(), ids.flatten())
 
 
 def spec_for(model: str, seq: int | None = None, checkpointing: bool = False) -> Spec:
+    layer = _ENCODER_LAYER.match(model)
+    if layer:
+        return _encoder_layer_spec(model, layer)
     if model in NATIVE:
         kind, width, layers, bidirectional, length = NATIVE[model]
         return Spec(model, functools.partial(_NativeModel, kind, width, layers, bidirectional),

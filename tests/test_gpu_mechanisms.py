@@ -5,8 +5,12 @@ modelled from were measured on an H200 (benchmarks/measurements/h200_2026-11-26*
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -264,7 +268,8 @@ def test_a_host_target_runs_the_cpu_kernels():
     assert saved["cpu:8GiB"] - saved["mem:8GiB"] == batch * width * (4 - 1)
 
 
-MEASUREMENTS = Path(__file__).resolve().parent.parent / "benchmarks" / "measurements"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+MEASUREMENTS = BENCHMARKS / "measurements"
 
 
 def _sweep() -> list[dict]:
@@ -378,18 +383,17 @@ def test_autocast_caches_the_casts_of_weights_not_of_their_views():
     assert peaks[False] - peaks[True] == 2 * bf16_weight
 
 
-class EncoderLayer(nn.Module):
-    """One ``nn.TransformerEncoderLayer`` as ``gpu_measure.py``'s encoder phase ran it, a padding mask optional."""
+@functools.cache
+def _workloads() -> Any:
+    """benchmarks/workloads.py, loaded once (the accuracy benchmark's records and these tests build one layer)."""
+    spec = importlib.util.spec_from_file_location("memlint_benchmark_workloads", BENCHMARKS / "workloads.py")
+    module = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
 
-    def __init__(self, width: int, heads: int, ff: int, norm_first: bool, mask: bool, batch_first: bool = True) -> None:
-        super().__init__()
-        self.mask = mask
-        self.layer = nn.TransformerEncoderLayer(width, heads, ff, batch_first=batch_first, norm_first=norm_first)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mask:
-            return self.layer(x, src_key_padding_mask=torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device))
-        return self.layer(x)
+def EncoderLayer(*args: Any) -> nn.Module:  # noqa: N802 - stands for the class it builds
+    return _workloads().EncoderLayer(*args)
 
 
 def _encoder_inference_peak(build, batch: int, shape: tuple[int, ...], precision: str = "fp32") -> int:
