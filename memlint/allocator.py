@@ -78,7 +78,7 @@ class CachingAllocatorModel:
     # malloc and release run some 6,000 times a replay, and the batch search replays a step some twenty
     # times: they split and merge blocks inline.
     def malloc(self, nbytes: int) -> _Block:
-        size = -(-nbytes // MIN_BLOCK) * MIN_BLOCK if nbytes > MIN_BLOCK else MIN_BLOCK  # round_size
+        size = round_size(nbytes)
         small = size <= SMALL_REQUEST
         pool = self._free[small]
         index = bisect.bisect_left(pool, size << _SIZE_SHIFT)  # best fit
