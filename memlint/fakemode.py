@@ -97,8 +97,9 @@ class MemlintFakeMode(FakeTensorMode):
             return super().dispatch(func, types, args, kwargs)
         if key not in self._recipes:
             shape_free = _shape_free_key(func, key, args, kwargs) if kind == FRESH else None
-            if shape_free is not None and self._rules.get(shape_free[0]) is not None:
-                self._recipes[key] = _recipe_by_rule(self._rules[shape_free[0]], shape_free[1])
+            rule = self._rules.get(shape_free[0]) if shape_free is not None else None
+            if rule is not None:
+                self._recipes[key] = _recipe_by_rule(rule, shape_free[1])
             elif func in _LAYOUT_FROM_META and not kwargs:
                 self._recipes[key] = _outputs_on_meta(func, args)
                 self._learn_rule(shape_free, self._recipes[key])
@@ -357,20 +358,25 @@ def _dense_order(shape: Any, strides: tuple[int, ...]) -> tuple[int, ...] | None
     return tuple(order) if expected > 0 else None
 
 
+def _placements(followed: torch.Tensor) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """The shape and strides of an output of each kind, for this followed tensor."""
+    placed = {LIKE_INPUT: (tuple(followed.shape), followed.stride()), EMPTY: ((0,), (1,))}
+    if followed.dim() >= 2:
+        placed[PER_CHANNEL] = ((followed.shape[1],), (1,))
+    return placed
+
+
 def _rule_of(recipe: Recipe | None, followed: torch.Tensor) -> Rule | None:
     if not isinstance(recipe, tuple):
         return None
     container, layouts = recipe
-    like = (tuple(followed.shape), followed.stride())
-    channel = ((followed.shape[1],), (1,)) if followed.dim() >= 2 else None
+    kinds = {placed: kind for kind, placed in _placements(followed).items()}
     outputs = []
     for layout in layouts:
         if layout is None:
             outputs.append(None)
             continue
-        placed = layout[:2]
-        kind = LIKE_INPUT if placed == like else PER_CHANNEL if placed == channel else \
-            EMPTY if placed == ((0,), (1,)) else None
+        kind = kinds.get(layout[:2])
         if kind is None:
             return None
         outputs.append((kind, layout[2], layout[3]))
@@ -378,9 +384,7 @@ def _rule_of(recipe: Recipe | None, followed: torch.Tensor) -> Rule | None:
 
 
 def _recipe_by_rule(rule: Rule, followed: torch.Tensor) -> Recipe:
-    placed = {LIKE_INPUT: (tuple(followed.shape), followed.stride()), EMPTY: ((0,), (1,))}
-    if followed.dim() >= 2:
-        placed[PER_CHANNEL] = ((followed.shape[1],), (1,))
+    placed = _placements(followed)
     container, outputs = rule
     return container, tuple(None if output is None else (*placed[output[0]], *output[1:]) for output in outputs)
 
