@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from memlint.allocator import CachingAllocatorModel, OutOfMemory, replay_allocator, round_size
+from memlint.allocator import CachingAllocatorModel, OutOfMemory, fits_without_replay, replay_allocator, round_size
 from memlint.build import (SmallValuesMode, build_fake_model, fake_parameter_conversions, initialise_lazy_modules,
                            libraries_see_real_tensors)
 from memlint.errors import ModelError
@@ -58,14 +58,18 @@ class Workload:
 class Evaluation:
     """One batch size through the memory model: the allocator's verdict under the budget.
 
-    ``reserved`` is what the caching allocator holds at peak on this target: under the cap
-    when the step fits, else (when asked for, see ``Estimator.evaluate``) the smallest cap
-    under which it would run. ``allocator`` is None for a step that does not fit and was not sized.
+    ``allocator`` is the caching allocator's replay, where one ran: under the cap when the step
+    fits, else (when asked for, see ``Estimator.evaluate``) under the smallest cap that it needs.
+    A probe of the batch search that does not fit, or that bounds decide without a replay, has none.
     """
 
     fits: bool
-    reserved: int
     allocator: CachingAllocatorModel | None
+
+    @property
+    def reserved(self) -> int:
+        """What the caching allocator holds at peak on this target (0 where no replay ran)."""
+        return self.allocator.peak_reserved if self.allocator else 0
 
 
 class Estimator:
@@ -145,19 +149,24 @@ class Estimator:
         Under the cap the allocator frees its cached segments before giving up, so a step
         fits when that replay succeeds; its reserved peak is then what the card holds. What a
         step that does not fit would need costs a bisection of replays, so it is computed only
-        when ``sized`` (for the reported batch size), not for every probe of the batch search.
+        when ``sized`` (for the reported batch size), not for every probe of the batch search;
+        a probe far from the answer is decided without a replay (``fits_without_replay``).
         """
         known = self.evaluations.get(batch_size)
         if known is None or (sized and known.allocator is None):
             ledger, sizes = (ledger, None) if ledger is not None else self._step_at(batch_size)
+            cap = self.allocator_cap()
+            decided = None if sized else fits_without_replay(ledger, cap, sizes)
+            if decided is not None:
+                self.evaluations[batch_size] = Evaluation(decided, None)
+                return self.evaluations[batch_size]
             try:
-                allocator: CachingAllocatorModel | None = replay_allocator(
-                    ledger, cap_bytes=self.allocator_cap(), sizes=sizes)
+                allocator: CachingAllocatorModel | None = replay_allocator(ledger, cap_bytes=cap, sizes=sizes)
                 fits = True
             except OutOfMemory:
                 allocator = smallest_sufficient_cap(ledger, sizes) if sized else None
                 fits = False
-            self.evaluations[batch_size] = Evaluation(fits, allocator.peak_reserved if allocator else 0, allocator)
+            self.evaluations[batch_size] = Evaluation(fits, allocator)
         return self.evaluations[batch_size]
 
     def _step_at(self, batch_size: int) -> tuple[Ledger, list[int] | None]:

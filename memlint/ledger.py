@@ -59,6 +59,20 @@ class Ledger:
     events: list[tuple[int, int, str]] = field(default_factory=list)
     activation_bytes_by_module: dict[str, int] = field(default_factory=dict)
     iteration_marks: list[int] = field(default_factory=list)
+    # allocation_events(), kept with the events list and length it was made from.
+    _allocations: tuple[list, int, list[tuple[int, int]]] | None = field(default=None, init=False, repr=False,
+                                                                         compare=False)
+
+    def allocation_events(self) -> list[tuple[int, int]]:
+        """The ALLOC and FREE events as (kind, storage id), without the op marks: what the allocator reads.
+
+        The batch search replays one ledger some twenty times; this is made once per change of the events.
+        """
+        kept = self._allocations
+        if kept is None or kept[0] is not self.events or kept[1] != len(self.events):
+            kept = self._allocations = (self.events, len(self.events),
+                                        [(kind, sid) for kind, sid, _ in self.events if kind != OP])
+        return kept[2]
 
     def allocate(self, nbytes: int, role: str, module: str | None, phase: str, elastic: bool = False) -> int:
         sid = len(self.storages)
@@ -195,7 +209,7 @@ def same_allocations(first: Ledger, second: Ledger) -> bool:
 
     They do not where control flow depends on the batch size: then simulate instead.
     """
-    return len(first.storages) == len(second.storages) and _allocations(first.events) == _allocations(second.events)
+    return len(first.storages) == len(second.storages) and first.allocation_events() == second.allocation_events()
 
 
 def from_first_iteration(full: Ledger, probe: Ledger) -> Ledger | None:

@@ -1,12 +1,17 @@
 """The estimator on real models built in the tests and from transformers configs (no downloads)."""
 from __future__ import annotations
 
+import collections
+import random
+
 import pytest
 import torch
 from torch import nn
 
-from memlint.allocator import round_size
+import memlint.estimator
+from memlint.allocator import OutOfMemory, fits_without_replay, replay_allocator, round_size
 from memlint.estimator import Estimator, Workload, analyse
+from memlint.ledger import Ledger
 from memlint.targets import resolve_target
 
 
@@ -65,6 +70,49 @@ def test_max_batch_fits_and_the_next_does_not():
     best = analyse(workload(mlp, shape=(512,)), target, 1.0).max_batch_size
     assert best is not None and best > 8
     assert estimator.evaluate(best).fits and not estimator.evaluate(best + 1).fits
+
+
+def test_bounds_decide_a_probe_only_as_the_allocator_replay_would():
+    """``fits_without_replay`` answers None or the verdict of the capped replay, on random steps of small, large and
+    huge requests (some of them elastic kernel scratch), at their own sizes and at other sizes."""
+    rng = random.Random(5)
+    decided: collections.Counter = collections.Counter()
+    for trial in range(400):
+        ledger, live = Ledger(), []
+        for _ in range(rng.randint(1, 60)):
+            if live and rng.random() < 0.4:
+                ledger.free(live.pop(rng.randrange(len(live))))
+            else:
+                size = rng.choice([rng.randint(1, 1 << 20), rng.randint(1 << 20, 12 << 20),
+                                   rng.randint(12 << 20, 200 << 20)])
+                live.append(ledger.allocate(size, "activations", None, "forward", elastic=rng.random() < 0.1))
+        sizes = None if trial % 2 else [rng.randint(0, 2 * info.nbytes) for info in ledger.storages]
+        cap = rng.randint(2 << 20, 600 << 20)
+        try:
+            replay_allocator(ledger, cap_bytes=cap, sizes=sizes)
+            fits = True
+        except OutOfMemory:
+            fits = False
+        verdict = fits_without_replay(ledger, cap, sizes)
+        assert verdict in (None, fits)
+        decided[verdict] += 1
+    assert min(decided[True], decided[False], decided[None]) > 40
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 32, 3), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+@pytest.mark.parametrize("build, shape, target", [(mlp, (512,), "mem:128MiB"), (mlp, (512,), "mem:4GiB"),
+                                                  (small_cnn, (3, 64, 64), "gtx1050ti")])
+def test_the_largest_batch_is_the_one_that_replaying_every_probe_finds(monkeypatch, build, shape, target):
+    def search() -> int | None:
+        return analyse(workload(build, shape=shape), resolve_target(target), 0.8).max_batch_size
+
+    found = search()
+    monkeypatch.setattr(memlint.estimator, "fits_without_replay", lambda *args: None)
+    assert found is not None and found == search()
 
 
 def test_inference_mode_saves_nothing_for_backward():
