@@ -27,14 +27,53 @@ from memlint.values import ValueKnowledge
 
 aten = torch.ops.aten
 
-# Ops whose output size depends on tensor values. On fake tensors we assume the largest
-# output (every element selected), which can only over-estimate, and say so; ``nonzero`` of a
-# one-hot selection gets its known share instead (memlint/values.py).
-_DYNAMIC_SHAPE_OPS = {
-    aten.nonzero.default: lambda x, rows=None: torch.empty((x.numel() if rows is None else rows, x.dim()),
-                                                           dtype=torch.long, device=x.device),
-    aten.masked_select.default: lambda x, mask: torch.empty(
-        (torch.broadcast_shapes(x.shape, mask.shape).numel(),), dtype=x.dtype, device=x.device),
+# Ops whose output size depends on tensor values, by name (torchvision's are registered when it is imported).
+# Where the values are unknown, we assume the largest output (every element selected, every element
+# distinct), which can only over-estimate, and say so; ``nonzero`` of a one-hot selection gets its known
+# share instead, and an op on known values runs for real (memlint/values.py).
+# Ops that index with a list of tensors, which may be boolean masks (``x[mask]``, ``x[mask] = v``).
+_MASK_INDEXED = frozenset({aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
+                           aten._index_put_impl_.default})
+
+
+def _is_mask(index: Any) -> bool:
+    return isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8)
+
+
+def _unique_bound(x: torch.Tensor, dim: int | None, inverse: bool, counts: bool,
+                  distinct: int | None = None) -> tuple[torch.Tensor, ...]:
+    """``unique`` with ``distinct`` results, by default every element (every slice along ``dim``): the values,
+    inverse and counts."""
+    if distinct is None:
+        distinct = x.numel() if dim is None else x.shape[dim]
+
+    def long(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, dtype=torch.long, device=x.device)
+
+    values = torch.empty((distinct,) if dim is None else x.shape, dtype=x.dtype, device=x.device)
+    if dim is not None:  # the kernels return the inverse and counts whether asked or not
+        return values, long(distinct), long(distinct)
+    return values, long(*x.shape) if inverse else long(0), long(distinct) if counts else long(0)
+
+
+_DYNAMIC_SHAPE_OPS: dict[str, tuple[Callable[..., Any], str]] = {  # name: (largest outputs, what that assumes)
+    # Parameters are named as in the ops' schemas: the dispatcher may pass any of them by name.
+    "aten::nonzero": (lambda self, rows=None: torch.empty((self.numel() if rows is None else rows, self.dim()),
+                                                          dtype=torch.long, device=self.device),
+                      "every element selected"),
+    "aten::masked_select": (lambda self, mask: torch.empty((torch.broadcast_shapes(self.shape, mask.shape).numel(),),
+                                                           dtype=self.dtype, device=self.device),
+                            "every element selected"),
+    "aten::_unique": (lambda self, sorted=True, return_inverse=False, distinct=None: _unique_bound(
+        self, None, return_inverse, False, distinct)[:2], "every element distinct"),
+    "aten::_unique2": (lambda self, sorted=True, return_inverse=False, return_counts=False, distinct=None:
+                       _unique_bound(self, None, return_inverse, return_counts, distinct), "every element distinct"),
+    "aten::unique_dim": (lambda self, dim, sorted=True, return_inverse=False, return_counts=False: _unique_bound(
+        self, dim, return_inverse, return_counts), "every element distinct"),
+    "aten::unique_consecutive": (lambda self, return_inverse=False, return_counts=False, dim=None: _unique_bound(
+        self, dim, return_inverse, return_counts), "every element distinct"),
+    "torchvision::nms": (lambda dets, scores, iou_threshold: torch.empty(dets.shape[0], dtype=torch.long,
+                                                                          device=dets.device), "every box kept"),
 }
 
 
@@ -285,26 +324,75 @@ class ValueAssumingMode(TorchDispatchMode):
                 args = split
         rows = self.knowledge.nonzero_rows(args[0]) if func is aten.nonzero.default else None
         if rows is not None:
-            self.note(f"{func.__name__} of a one-hot selection: assumed its share of the elements, spread evenly "
-                      "(each expert gets tokens x top-k / experts)")
-            out = _DYNAMIC_SHAPE_OPS[func](args[0], rows)
+            self.note(f"{func.__name__} of a tensor whose share of non-zeros is known (a one-hot selection: each "
+                      "expert gets tokens x top-k / experts; a mask set at sampled indices): assumed that share of "
+                      "its elements")
+            out = _DYNAMIC_SHAPE_OPS["aten::nonzero"][0](args[0], rows)
             self.knowledge.learn_nonzero(args[0], out)
-        elif func in _DYNAMIC_SHAPE_OPS:
-            self.note(f"{func.__name__}: assumed every element selected (an upper bound)")
-            out = _DYNAMIC_SHAPE_OPS[func](*args, **kwargs)
         elif func in _PERMISSIVE_OPS:
             out = _PERMISSIVE_OPS[func](*args, **kwargs)
         elif func is aten.clone.default and args[0].layout == torch.sparse_coo:
             out = _sparse_clone(*args, **kwargs)
         else:
-            out = _outputs_as_kernels_make_them(func, args, func(*args, **kwargs), self.kernels)
-            self.knowledge.learn(func, args, kwargs, out)
+            try:
+                out = func(*args, **kwargs)
+            except fake_tensor.DynamicOutputShapeException:
+                out = self._dynamic_shape_outputs(func, args, kwargs)
+                if out is None:
+                    raise
+            else:
+                out = _outputs_as_kernels_make_them(func, args, out, self.kernels)
+                self.knowledge.learn(func, args, kwargs, out)
         out = _drop_masked_outputs(func, args, kwargs, out)
         self.record(func, args, out)
         return out
 
     def record(self, func: Any, args: tuple, out: Any) -> None:
         """Hook for subclasses that want to see every op's arguments and outputs."""
+
+    def _dynamic_shape_outputs(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """Outputs of an op whose sizes depend on values: as computed where its inputs' values are
+        known (``torch.unique`` of a detection model's feature-level ids), else the largest; None
+        for an op without a known largest output."""
+        real = self.knowledge.computed(func, args, kwargs)
+        if real is None and func in _MASK_INDEXED and any(_is_mask(index) for index in args[1]):
+            out = func(args[0], self._masks_as_indices(args[1]), *args[2:], **kwargs)
+            self.knowledge.learn(func, args, kwargs, out)
+            return out
+        if real is None and func._schema.name in ("aten::_unique2", "aten::_unique"):
+            distinct = self.knowledge.distinct_values(args[0])
+            if distinct is not None:
+                self.note(f"{func.__name__} of a tensor that holds few values: assumed it holds every one of them")
+                values, *others = _DYNAMIC_SHAPE_OPS[func._schema.name][0](*args, **kwargs, distinct=distinct.numel())
+                self.knowledge.values[values] = distinct
+                return (values, *others)
+        if real is None:
+            largest = _DYNAMIC_SHAPE_OPS.get(func._schema.name)
+            if largest is None:
+                return None
+            bound, assumed = largest
+            self.note(f"{func.__name__}: assumed {assumed} (an upper bound)")
+            return bound(*args, **kwargs)
+        device = next(t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
+        fakes = [torch.empty_strided(r.shape, r.stride(), dtype=r.dtype, device=device) for r in real]
+        for fake, value in zip(fakes, real):
+            self.knowledge.values[fake] = value
+        return fakes[0] if len(func._schema.returns) == 1 else tuple(fakes)
+
+    def _masks_as_indices(self, indices: list) -> list:
+        """Indices with each boolean mask replaced by the indices of its selected elements, as the kernels
+        do (``x[mask]``): that many as its known share of non-zeros selects, else every element."""
+        converted: list = []
+        for index in indices:
+            if not _is_mask(index):
+                converted.append(index)
+                continue
+            rows = self.knowledge.nonzero_rows(index)
+            if rows is None:
+                self.note("indexing with a boolean mask: assumed every element selected (an upper bound)")
+            selected = _DYNAMIC_SHAPE_OPS["aten::nonzero"][0](index, rows)
+            converted.extend(selected.unbind(1))
+        return converted
 
     def _assumed_scalar(self, tensor: torch.Tensor) -> Any:
         constant = getattr(tensor, "constant", None)

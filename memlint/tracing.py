@@ -62,7 +62,7 @@ def trace_model(model: torch.nn.Module, make_inputs: Callable[[], tuple[tuple, d
     their min/max buffers), and the simulated step must find the model as the user built it.
     """
     model.eval()
-    with fake_mode:
+    with fake_mode, scalar_mode:  # the values of inputs made from data (torch.tensor) are known to it
         args, kwargs = make_inputs()
     try:
         return _symbolic(model, args, kwargs, fake_mode, sites)

@@ -565,3 +565,82 @@ def test_a_value_computed_from_known_values_is_not_assumed():
     report, measured = estimated_and_real_on_host(SizedByKnownValues, 64, (32,))
     assert report.peak_allocated_bytes == measured
     assert not any(".item()" in note for note in report.assumptions)
+
+
+class TinyDetector(nn.Module):
+    """The data-dependent steps of a two-stage detector (torchvision's Faster R-CNN) in plain torch: the
+    ground-truth boxes are checked with ``.any()`` and read with ``.tolist()``; anchors are tagged with their
+    feature level (``torch.full``, ``cat``), selected by score and visited per level present
+    (``torch.unique``), and per class of a flat index (``index % classes``); a sampler marks 64 positives and 192 negatives in ``zeros_like`` masks and takes them
+    with ``torch.where(positive | negative)``; a mask indexes and is assigned through."""
+
+    LEVELS = (6000, 1500, 400)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.score = nn.Linear(8, 1)
+        self.head = nn.Linear(8, 32)
+        self.levels_visited: list[int] = []
+        self.labels_visited: list[int] = []
+
+    def forward(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        if (boxes[:, 2:] <= boxes[:, :2]).any():
+            raise ValueError(f"degenerate box {boxes[0].tolist()}")
+        levels = torch.cat([torch.full((n,), level, dtype=torch.long) for level, n in enumerate(self.LEVELS)])
+        top = self.score(features).squeeze(-1).topk(1000).indices
+        for level in torch.unique(levels[top]):
+            self.levels_visited.append(int(level))
+        for label in torch.unique(top % 4):  # a class from a flat index, as RetinaNet's
+            self.labels_visited.append(int(label))
+        proposals = features[top]
+        positive, negative = torch.where(proposals[:, 0] > 0)[0], torch.where(proposals[:, 0] <= 0)[0]
+        masks = []
+        for candidates, count in ((positive, 64), (negative, 192)):
+            mask = torch.zeros_like(top, dtype=torch.uint8)
+            mask[candidates[torch.randperm(candidates.numel())[:count]]] = 1
+            masks.append(mask)
+        sampled = proposals[torch.where(masks[0] | masks[1])[0]]
+        out = self.head(sampled)
+        keep = out[:, 0] > 0
+        target = torch.zeros_like(out)
+        target[keep, out[keep].argmax(-1)] = 1.0
+        return (out - target).square()
+
+
+def test_a_detectors_data_dependent_steps_use_the_values_they_can_know():
+    built: list[TinyDetector] = []
+
+    def build() -> TinyDetector:
+        built.append(TinyDetector())
+        return built[-1]
+
+    def inputs(batch: int) -> tuple:
+        boxes = torch.tensor([[10.0, 20.0, 200.0, 220.0], [50.0, 60.0, 150.0, 300.0]])
+        return torch.randn(sum(TinyDetector.LEVELS), 8), boxes
+
+    report = analyse(workload(build, batch=1, inputs=inputs), resolve_target("cpu:8GiB"), 1.0, find_max_batch=False)
+    assert not any(".item()" in note for note in report.assumptions)  # the boxes' values are the real ones
+    head = next(layer for layer in report.layers if layer.name == "head")
+    assert head.flops_forward == 2 * 256 * 8 * 32  # the 64 + 192 sampled proposals, not all 1000
+    visited = built[-1]
+    assert visited.levels_visited == [0, 1, 2] * (len(visited.levels_visited) // 3)  # each level, not each anchor
+    assert visited.labels_visited == [0, 1, 2, 3] * (len(visited.levels_visited) // 3)
+    notes = " ".join(report.assumptions)
+    assert "holds few values" in notes and "a mask set at sampled indices" in notes
+    assert "indexing with a boolean mask: assumed every element selected" in notes
+
+
+class UniqueOfUnknownValues(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        classes = torch.unique(x.argmax(-1))  # which classes occur depends on the data: every element distinct
+        return self.layer(x)[:, None, :] * classes[None, :, None]
+
+
+def test_unique_of_unknown_values_assumes_every_element_distinct():
+    report = analyse(workload(UniqueOfUnknownValues, batch=8, shape=(16,)), resolve_target("cpu:8GiB"), 1.0,
+                     find_max_batch=False)
+    assert any("_unique2.default: assumed every element distinct" in note for note in report.assumptions)
