@@ -37,17 +37,21 @@ def model_types(kinds: list[str]) -> list[tuple[str, str]]:
 
 
 def run_isolated(kind: str, model_type: str, args: argparse.Namespace) -> dict[str, Any]:
-    command = [sys.executable, __file__, "--one", kind, model_type, "--batch", str(args.batch),
-               "--sequence", str(args.sequence), "--precision", args.precision, "--mode", args.mode]
+    return run_command_isolated([sys.executable, __file__, "--one", kind, model_type, "--batch", str(args.batch),
+                                 "--sequence", str(args.sequence), "--precision", args.precision, "--mode",
+                                 args.mode], args.timeout, args.memory_limit)
 
+
+def run_command_isolated(command: list[str], timeout: float, memory_limit_gib: float) -> dict[str, Any]:
+    """Run one model's measurement in a fresh process under an address-space limit; the JSON it printed last."""
     def limit_memory() -> None:  # a default config too large to build fails in its process, not the machine
-        limit = int(args.memory_limit * 2**30)
+        limit = int(memory_limit_gib * 2**30)
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, preexec_fn=limit_memory)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, preexec_fn=limit_memory)
     except subprocess.TimeoutExpired:
-        return {"status": "timeout", "why": f"over {args.timeout} s"}
+        return {"status": "timeout", "why": f"over {timeout} s"}
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:
         return {"status": "crash", "why": f"exit {done.returncode}: {done.stderr.strip()[-600:]}"}

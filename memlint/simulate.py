@@ -40,6 +40,21 @@ def _is_mask(index: Any) -> bool:
     return isinstance(index, torch.Tensor) and index.dtype in (torch.bool, torch.uint8)
 
 
+def _indexes_with_a_mask(func: Any, args: tuple) -> bool:
+    return func in _MASK_INDEXED and len(args) > 1 and any(_is_mask(index) for index in args[1])
+
+
+_IS_DYNAMIC: dict[Any, bool] = {}  # op -> whether _DYNAMIC_SHAPE_OPS has it (by name: torchvision's are late)
+
+
+def _has_dynamic_shape(func: Any, args: tuple) -> bool:
+    """Whether an op's output sizes depend on values its fake tensors lack."""
+    dynamic = _IS_DYNAMIC.get(func)
+    if dynamic is None:
+        dynamic = _IS_DYNAMIC[func] = func._schema.name in _DYNAMIC_SHAPE_OPS
+    return dynamic or _indexes_with_a_mask(func, args)
+
+
 def _unique_bound(x: torch.Tensor, dim: int | None, inverse: bool, counts: bool,
                   distinct: int | None = None) -> tuple[torch.Tensor, ...]:
     """``unique`` with ``distinct`` results, by default every element (every slice along ``dim``): the values,
@@ -329,6 +344,8 @@ class ValueAssumingMode(TorchDispatchMode):
                       "its elements")
             out = _DYNAMIC_SHAPE_OPS["aten::nonzero"][0](args[0], rows)
             self.knowledge.learn_nonzero(args[0], out)
+        elif _has_dynamic_shape(func, args):  # spared FakeTensorMode's refusal, an exception that costs ms
+            out = self._dynamic_shape_outputs(func, args, kwargs)
         elif func in _PERMISSIVE_OPS:
             out = _PERMISSIVE_OPS[func](*args, **kwargs)
         elif func is aten.clone.default and args[0].layout == torch.sparse_coo:
@@ -355,7 +372,7 @@ class ValueAssumingMode(TorchDispatchMode):
         known (``torch.unique`` of a detection model's feature-level ids), else the largest; None
         for an op without a known largest output."""
         real = self.knowledge.computed(func, args, kwargs)
-        if real is None and func in _MASK_INDEXED and any(_is_mask(index) for index in args[1]):
+        if real is None and _indexes_with_a_mask(func, args):
             out = func(args[0], self._masks_as_indices(args[1]), *args[2:], **kwargs)
             self.knowledge.learn(func, args, kwargs, out)
             return out
