@@ -26,7 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zoo import run_command_isolated, summarise  # noqa: E402
+from zoo import add_run_options, run_command_isolated, summarise  # noqa: E402
 
 FAMILIES = ("classification", "detection", "segmentation", "video", "optical_flow")
 BATCH = 2
@@ -108,12 +108,8 @@ def measure_one(family: str, name: str) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", default=",".join(FAMILIES))
-    parser.add_argument("--only", default="", help="model names, comma-separated")
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--timeout", type=float, default=900)
-    parser.add_argument("--memory-limit", type=float, default=20, help="GiB of address space per model's process")
+    add_run_options(parser, jobs=1, timeout=900, memory_limit=20)
     parser.add_argument("--one", nargs=2, metavar=("FAMILY", "NAME"), help=argparse.SUPPRESS)
-    parser.add_argument("--json", type=Path, help="also write every result to this file")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure_one(*args.one)))

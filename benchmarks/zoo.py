@@ -42,6 +42,16 @@ def run_isolated(kind: str, model_type: str, args: argparse.Namespace) -> dict[s
                                  args.mode], args.timeout, args.memory_limit)
 
 
+def add_run_options(parser: argparse.ArgumentParser, *, jobs: int, timeout: float, memory_limit: float) -> None:
+    """The options of a zoo run: which models, how many at a time, each one's limits, where the JSON goes."""
+    parser.add_argument("--only", default="", help="model names, comma-separated")
+    parser.add_argument("--jobs", type=int, default=jobs)
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds per model")
+    parser.add_argument("--memory-limit", type=float, default=memory_limit,
+                        help="GiB of address space per model's process")
+    parser.add_argument("--json", type=Path, help="also write every result to this file")
+
+
 def run_command_isolated(command: list[str], timeout: float, memory_limit_gib: float) -> dict[str, Any]:
     """Run one model's measurement in a fresh process under an address-space limit; the JSON it printed last."""
     def limit_memory() -> None:  # a default config too large to build fails in its process, not the machine
@@ -61,16 +71,12 @@ def run_command_isolated(command: list[str], timeout: float, memory_limit_gib: f
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kinds", default=",".join(KINDS))
-    parser.add_argument("--only", default="", help="model types, comma-separated")
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--timeout", type=float, default=180)
-    parser.add_argument("--memory-limit", type=float, default=16, help="GiB of address space per model's process")
+    add_run_options(parser, jobs=2, timeout=180, memory_limit=16)
     parser.add_argument("--batch", type=int, default=BATCH_DEFAULT)
     parser.add_argument("--sequence", type=int, default=SEQUENCE_DEFAULT)
     parser.add_argument("--precision", choices=("fp32", "bf16-mixed"), default="fp32")
     parser.add_argument("--mode", choices=("train", "infer"), default="train")
     parser.add_argument("--one", nargs=2, metavar=("KIND", "MODEL_TYPE"), help=argparse.SUPPRESS)
-    parser.add_argument("--json", type=Path, help="also write every result to this file")
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure_one(*args.one, args.batch, args.sequence, args.precision, args.mode)))
