@@ -88,7 +88,9 @@ class ValueKnowledge:
                     self.choices[args[0]] = chosen
             return
         filled = _fill_value(facts.packet, args)
-        if filled is not None and isinstance(out, torch.Tensor):  # too large to compute: its one value is known
+        if filled is not None and isinstance(out, torch.Tensor) and not out.is_floating_point():
+            # Too large to compute, its one value is known: tags and masks (integer and boolean tensors;
+            # floating ones, such as Adam's state, are left alone, so that a CNN's step learns nothing).
             self.choices[out] = frozenset((filled,))
             self.share[out] = 1.0 if filled else 0.0
             return
@@ -128,6 +130,8 @@ class ValueKnowledge:
         outputs = _tensors(out)
         if not outputs or any(o.numel() > KNOWN_NUMEL_LIMIT for o in outputs):
             return False
+        if all(_constant(o) is not None for o in outputs):  # FakeTensorMode keeps it (a lifted number): known
+            return True
         results = self.computed(func, args, kwargs, facts)
         if results is None or [r.shape for r in results] != [o.shape for o in outputs]:
             return False
@@ -146,13 +150,17 @@ class ValueKnowledge:
         if facts.random:
             return None
         inputs = _tensors((*args, *kwargs.values()))
-        if any(_is_fake(t) and t not in self.values for t in inputs) or (not inputs and not facts.source):
+        if any(_is_fake(t) and t not in self.values and _constant(t) is None for t in inputs) or (
+                not inputs and not facts.source):
             return None
 
         def real(value: Any) -> Any:
             if isinstance(value, (list, tuple)):
                 return type(value)(real(v) for v in value)
-            return self.values[value] if _is_fake(value) else value
+            if not _is_fake(value):
+                return value
+            known = self.values.get(value)
+            return _constant(value) if known is None else known
 
         with _disable_current_modes():
             try:
@@ -193,7 +201,7 @@ class ValueKnowledge:
         if isinstance(value, (int, float, bool)):
             return value
         if isinstance(value, torch.Tensor) and value.numel() == 1:
-            constant = getattr(value, "constant", None)
+            constant = _constant(value)
             if constant is not None:
                 with _disable_current_modes():
                     return constant.item()
@@ -315,6 +323,11 @@ def _fill_value(packet: Any, args: tuple) -> Any:
 
 def _is_fake(value: Any) -> bool:
     return isinstance(value, FakeTensor)
+
+
+def _constant(tensor: Any) -> torch.Tensor | None:
+    """The real value FakeTensorMode keeps with a fake tensor made from a number (``torch.tensor(0.0)``), or None."""
+    return getattr(tensor, "constant", None)
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:
