@@ -99,6 +99,7 @@ class Estimator:
         self.interpolable: dict[tuple[int, int], bool] = {}  # two simulated batch sizes: same_allocations?
         self.scale = ScalePlan(self.model, workload, target, self.plan)
         self.bool_answer = True  # see _traced_and_simulated
+        self.probes_misalign = False  # see _from_first_iteration
 
     def plan(self, batch_size: int) -> StepPlan:
         w = self.workload
@@ -204,12 +205,16 @@ class Estimator:
     def _from_first_iteration(self, batch_size: int) -> Ledger | None:
         """The ledger from a simulation of the first iteration only, where the step's own shows how (ledger.py).
 
-        Not under a distributed strategy, whose rewrite of the ledger spans its iterations.
+        Not under a distributed strategy, whose rewrite of the ledger spans its iterations. Once a
+        probe failed to line up with the step, later ones are not tried: the step's ops depend on the
+        batch size (a detector loops over its images), and each probe would be simulated twice.
         """
         step = self.simulated.get(self.workload.batch_size)
-        if step is None or len(step.iteration_marks) < 2 or self.scale.strategy is not None:
+        if step is None or len(step.iteration_marks) < 2 or self.scale.strategy is not None or self.probes_misalign:
             return None
-        return from_first_iteration(step, self.simulate(batch_size, iterations=1, optimizer_step=False).ledger)
+        ledger = from_first_iteration(step, self.simulate(batch_size, iterations=1, optimizer_step=False).ledger)
+        self.probes_misalign = ledger is None
+        return ledger
 
     def max_batch_size(self) -> int | None:
         """The largest batch that runs, found the way it is measured: doubling from 1, then bisection.

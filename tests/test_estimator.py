@@ -644,3 +644,30 @@ def test_unique_of_unknown_values_assumes_every_element_distinct():
     report = analyse(workload(UniqueOfUnknownValues, batch=8, shape=(16,)), resolve_target("cpu:8GiB"), 1.0,
                      find_max_batch=False)
     assert any("_unique2.default: assumed every element distinct" in note for note in report.assumptions)
+
+
+class PerSampleLoop(nn.Module):
+    """Its ops depend on the batch size: a layer applied to each sample in turn, as a detector treats its images."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(256, 256)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.layer(sample).relu() for sample in x])
+
+
+def test_a_step_whose_ops_follow_the_batch_tries_a_one_iteration_probe_once(monkeypatch):
+    """The search's probes cannot come from one iteration of such a step (ledger.from_first_iteration): after the
+    first that fails to line up, each probe is simulated once, not twice."""
+    iterations: list = []
+    simulate = Estimator.simulate
+
+    def counting(self, batch_size, *args, **kwargs):
+        iterations.append(kwargs.get("iterations"))
+        return simulate(self, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(Estimator, "simulate", counting)
+    report = analyse(workload(PerSampleLoop, batch=4, shape=(2048, 256)), resolve_target("mem:256MiB"), 1.0)
+    found = report.max_batch_size
+    assert found is not None and iterations.count(1) == 1 and len(iterations) > 5
