@@ -60,17 +60,17 @@ class Ledger:
     activation_bytes_by_module: dict[str, int] = field(default_factory=dict)
     iteration_marks: list[int] = field(default_factory=list)
     # allocation_events(), kept with the events list and length it was made from.
-    _allocations: tuple[list, int, list[tuple[int, int]]] | None = field(default=None, init=False, repr=False,
-                                                                         compare=False)
+    _allocation_cache: tuple[list, int, list[tuple[int, int]]] | None = field(default=None, init=False, repr=False,
+                                                                              compare=False)
 
     def allocation_events(self) -> list[tuple[int, int]]:
         """The ALLOC and FREE events as (kind, storage id), without the op marks: what the allocator reads.
 
         The batch search replays one ledger some twenty times; this is made once per change of the events.
         """
-        kept = self._allocations
+        kept = self._allocation_cache
         if kept is None or kept[0] is not self.events or kept[1] != len(self.events):
-            kept = self._allocations = (self.events, len(self.events),
+            kept = self._allocation_cache = (self.events, len(self.events),
                                         [(kind, sid) for kind, sid, _ in self.events if kind != OP])
         return kept[2]
 

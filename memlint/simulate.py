@@ -27,10 +27,6 @@ from memlint.values import ValueKnowledge
 
 aten = torch.ops.aten
 
-# Ops whose output size depends on tensor values, by name (torchvision's are registered when it is imported).
-# Where the values are unknown, we assume the largest output (every element selected, every element
-# distinct), which can only over-estimate, and say so; ``nonzero`` of a one-hot selection gets its known
-# share instead, and an op on known values runs for real (memlint/values.py).
 # Ops that index with a list of tensors, which may be boolean masks (``x[mask]``, ``x[mask] = v``).
 _MASK_INDEXED = frozenset({aten.index.Tensor, aten.index_put.default, aten.index_put_.default,
                            aten._index_put_impl_.default})
@@ -71,6 +67,10 @@ def _unique_bound(x: torch.Tensor, dim: int | None, inverse: bool, counts: bool,
     return values, long(*x.shape) if inverse else long(0), long(distinct) if counts else long(0)
 
 
+# Ops whose output size depends on tensor values, by name (torchvision's are registered when it is imported).
+# Where the values are unknown, we assume the largest output (every element selected, every element
+# distinct), which can only over-estimate, and say so; ``nonzero`` of a one-hot selection gets its known
+# share instead, and an op on known values runs for real (memlint/values.py).
 _DYNAMIC_SHAPE_OPS: dict[str, tuple[Callable[..., Any], str]] = {  # name: (largest outputs, what that assumes)
     # Parameters are named as in the ops' schemas: the dispatcher may pass any of them by name.
     "aten::nonzero": (lambda self, rows=None: torch.empty((self.numel() if rows is None else rows, self.dim()),
@@ -337,14 +337,7 @@ class ValueAssumingMode(TorchDispatchMode):
             if list(split[1]) != list(args[1]):
                 self.note("split sizes read from tensor values (.tolist()): assumed equal parts")
                 args = split
-        rows = self.knowledge.nonzero_rows(args[0]) if func is aten.nonzero.default else None
-        if rows is not None:
-            self.note(f"{func.__name__} of a tensor whose share of non-zeros is known (a one-hot selection: each "
-                      "expert gets tokens x top-k / experts; a mask set at sampled indices): assumed that share of "
-                      "its elements")
-            out = _DYNAMIC_SHAPE_OPS["aten::nonzero"][0](args[0], rows)
-            self.knowledge.learn_nonzero(args[0], out)
-        elif _has_dynamic_shape(func, args):  # spared FakeTensorMode's refusal, an exception that costs ms
+        if _has_dynamic_shape(func, args):  # spared FakeTensorMode's refusal, an exception that costs ms
             out = self._dynamic_shape_outputs(func, args, kwargs)
         elif func in _PERMISSIVE_OPS:
             out = _PERMISSIVE_OPS[func](*args, **kwargs)
@@ -368,33 +361,42 @@ class ValueAssumingMode(TorchDispatchMode):
         """Hook for subclasses that want to see every op's arguments and outputs."""
 
     def _dynamic_shape_outputs(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        """Outputs of an op whose sizes depend on values: as computed where its inputs' values are
-        known (``torch.unique`` of a detection model's feature-level ids), else the largest; None
-        for an op without a known largest output."""
+        """Outputs of an op whose sizes depend on values: ``nonzero`` of a tensor whose share of non-zeros
+        is known selects that share; an op whose inputs' values are known runs for real (``torch.unique``
+        of a detection model's feature-level ids); else the largest outputs. None for an op without
+        a known largest output."""
+        rows = self.knowledge.nonzero_rows(args[0]) if func is aten.nonzero.default else None
+        if rows is not None:
+            self.note(f"{func.__name__} of a tensor whose share of non-zeros is known (a one-hot selection: each "
+                      "expert gets tokens x top-k / experts; a mask set at sampled indices): assumed that share of "
+                      "its elements")
+            out = _DYNAMIC_SHAPE_OPS["aten::nonzero"][0](args[0], rows)
+            self.knowledge.learn_nonzero(args[0], out)
+            return out
         real = self.knowledge.computed(func, args, kwargs)
-        if real is None and _indexes_with_a_mask(func, args):
+        if real is not None:
+            device = next(t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
+            fakes = [torch.empty_strided(r.shape, r.stride(), dtype=r.dtype, device=device) for r in real]
+            for fake, value in zip(fakes, real):
+                self.knowledge.values[fake] = value
+            return fakes[0] if len(func._schema.returns) == 1 else tuple(fakes)
+        if _indexes_with_a_mask(func, args):
             out = func(args[0], self._masks_as_indices(args[1]), *args[2:], **kwargs)
             self.knowledge.learn(func, args, kwargs, out)
             return out
-        if real is None and func._schema.name in ("aten::_unique2", "aten::_unique"):
-            distinct = self.knowledge.distinct_values(args[0])
-            if distinct is not None:
-                self.note(f"{func.__name__} of a tensor that holds few values: assumed it holds every one of them")
-                values, *others = _DYNAMIC_SHAPE_OPS[func._schema.name][0](*args, **kwargs, distinct=distinct.numel())
-                self.knowledge.values[values] = distinct
-                return (values, *others)
-        if real is None:
-            largest = _DYNAMIC_SHAPE_OPS.get(func._schema.name)
-            if largest is None:
-                return None
-            bound, assumed = largest
-            self.note(f"{func.__name__}: assumed {assumed} (an upper bound)")
-            return bound(*args, **kwargs)
-        device = next(t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
-        fakes = [torch.empty_strided(r.shape, r.stride(), dtype=r.dtype, device=device) for r in real]
-        for fake, value in zip(fakes, real):
-            self.knowledge.values[fake] = value
-        return fakes[0] if len(func._schema.returns) == 1 else tuple(fakes)
+        distinct = self.knowledge.distinct_values(args[0]) if func._schema.name in ("aten::_unique2",
+                                                                                  "aten::_unique") else None
+        if distinct is not None:
+            self.note(f"{func.__name__} of a tensor that holds few values: assumed it holds every one of them")
+            values, *others = _DYNAMIC_SHAPE_OPS[func._schema.name][0](*args, **kwargs, distinct=distinct.numel())
+            self.knowledge.values[values] = distinct
+            return (values, *others)
+        largest = _DYNAMIC_SHAPE_OPS.get(func._schema.name)
+        if largest is None:
+            return None
+        bound, assumed = largest
+        self.note(f"{func.__name__}: assumed {assumed} (an upper bound)")
+        return bound(*args, **kwargs)
 
     def _masks_as_indices(self, indices: list) -> list:
         """Indices with each boolean mask replaced by the indices of its selected elements, as the kernels
@@ -412,12 +414,8 @@ class ValueAssumingMode(TorchDispatchMode):
         return converted
 
     def _assumed_scalar(self, tensor: torch.Tensor) -> Any:
-        constant = getattr(tensor, "constant", None)
-        if constant is not None:  # a fake tensor computed from Python numbers keeps its value: nothing to assume
-            with fake_tensor.unset_fake_temporarily():  # a real tensor: read, not turned fake and read again
-                return constant.item()
         known = self.knowledge.scalar(tensor)
-        if known is not None:  # computed from known values (memlint/values.py)
+        if known is not None:  # a number FakeTensorMode keeps, or computed from known values (memlint/values.py)
             return known
         if tensor.dtype == torch.bool:
             value: Any = self._assumed_bool()

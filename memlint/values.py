@@ -178,7 +178,7 @@ class ValueKnowledge:
         if written is not None and before is not None:
             chosen = before | {written}
         old = self._share_of(tensor)
-        if old is None or not isinstance(tensor, torch.Tensor) or not tensor.numel() or len(indices) != 1:
+        if old is None or not tensor.numel() or len(indices) != 1:
             return share, chosen
         index = indices[0]
         if isinstance(index, torch.Tensor) and index.dtype in (torch.long, torch.int) and tensor.dim() >= 1:
@@ -200,16 +200,11 @@ class ValueKnowledge:
         """A Python number, or a one-element tensor's value where it is known; else None."""
         if isinstance(value, (int, float, bool)):
             return value
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            constant = _constant(value)
-            if constant is not None:
-                with _disable_current_modes():
-                    return constant.item()
-            return self.scalar(value)
-        return None
+        return self.scalar(value) if isinstance(value, torch.Tensor) else None
 
     def _chosen(self, packet: Any, args: tuple) -> frozenset | None:
-        """The values an op's outputs can hold where they are few: a fill, or a selection of few values.
+        """The values an op's outputs can hold where they are few: a selection from few values, their
+        concatenation, or a remainder by a small number.
 
         A tensor too large to compute for real may still hold few values: a detection model tags
         each of its 160,000 anchors with its feature level (``torch.full`` per level, ``cat``), then
@@ -255,11 +250,13 @@ class ValueKnowledge:
                 return
 
     def scalar(self, tensor: torch.Tensor) -> Any:
-        """The tensor's value when known, else None."""
+        """The value of a one-element tensor when known (computed here, or a number FakeTensorMode keeps), else None."""
         values = self.values.get(tensor)
+        if values is None:
+            values = _constant(tensor)
         if values is None or values.numel() != 1:
             return None
-        with _disable_current_modes():
+        with _disable_current_modes():  # a real tensor: read, not turned fake and read again
             return values.item()
 
     def nonzero_rows(self, tensor: torch.Tensor) -> int | None:
