@@ -23,7 +23,7 @@ from typing import Any, Iterator
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from workloads import IMAGE_MODELS, OPTIMIZERS, encoder_layer_name, spec_for, torchvision_available  # noqa: E402
+from workloads import OPTIMIZERS, encoder_layer_name, needs_torchvision, spec_for, torchvision_available  # noqa: E402
 
 import memlint.gpu_kernels  # noqa: E402
 from memlint.estimator import Workload, analyse  # noqa: E402
@@ -200,7 +200,7 @@ def print_inference(args: argparse.Namespace, have_vision: bool) -> None:
     for record in itertools.chain(records(args.calibration, args.records), layer_records(args.records)):
         key = (record["model"], record["batch"], record["precision"])
         if record.get("infer") is None or key in seen or (args.only and record["model"] != args.only) or (
-                record["model"] in IMAGE_MODELS and not have_vision):
+                needs_torchvision(record["model"]) and not have_vision):
             continue
         seen.add(key)
         estimated = estimate_inference(record)
@@ -216,7 +216,7 @@ def print_max_batch(args: argparse.Namespace, have_vision: bool) -> None:
     errors = []
     print(f"{'model':<20}{'cap':<7}{'measured':>9}{'memlint':>9}{'err':>8}")
     for record in maxbatch_records(args.calibration, args.records):
-        if (args.only and record["model"] != args.only) or (record["model"] in IMAGE_MODELS and not have_vision):
+        if (args.only and record["model"] != args.only) or (needs_torchvision(record["model"]) and not have_vision):
             continue
         estimated = estimate_max_batch(record)
         err = error(estimated, record["max_batch"])
@@ -236,7 +236,7 @@ def print_training(args: argparse.Namespace, have_vision: bool) -> int:
     for record in records(args.calibration, args.records):
         if args.only and record["model"] != args.only:
             continue
-        if record["model"] in IMAGE_MODELS and not have_vision:
+        if needs_torchvision(record["model"]) and not have_vision:
             skipped += 1
             continue
         started = time.perf_counter()

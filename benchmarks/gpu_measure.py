@@ -38,7 +38,9 @@ still returns what it measured:
 ``--round N`` measures the N-th round of held-out models (``ROUNDS``) instead of the first: 2, models
 nothing in memlint was designed on, the largest batches of ``MAXBATCH_2``; 3, models written with
 torch.nn alone (cuDNN's recurrent layers, nn.TransformerEncoder) and the step times of ``TIMED_3``; 4,
-recurrent models measured after cuDNN's kernels were modelled from round 3, AlexNet's step times again.
+recurrent models measured after cuDNN's kernels were modelled from round 3, AlexNet's step times again; 5,
+ten transformers architectures; 7, torchvision classifiers, segmentation, video and detection models,
+encoder-decoders and multi-query attention (``HELD_OUT_7``), and the largest batches of ``MAXBATCH_7``.
 ``--conv model:batch[:bf16],...`` logs the convolution workspaces of other steps.
 
 ``--device cpu --quick`` runs every code path on tiny batches without CUDA (numbers are zero), to
@@ -120,9 +122,35 @@ HELD_OUT_5 = [(name, batches, ("adam",)) for name, batches in (
     ("deberta-small", (8, 32)), ("gptneox-small", (4, 16)), ("falcon-small", (4, 16)), ("qwen3-small", (4, 16)),
     ("gemma2-small", (4, 16)), ("stablelm-small", (4, 16)), ("swin-hf", (16, 64)), ("convnext-hf", (16, 64)),
     ("segformer-b0", (16, 64)), ("deit-hf", (16, 64)))]
+# The seventh round: torchvision classifiers, segmentation, video and detection models, encoder-decoders and
+# multi-query attention, measured before memlint ran on them.
+HELD_OUT_7 = [
+    ("resnet152", (1, 16, 64), ("adam",)),
+    ("efficientnet_v2_s", (1, 16, 64), ("adam",)),
+    ("mobilenet_v3_small", (1, 32, 128), ("adam",)),
+    ("regnet_y_1_6gf", (1, 16, 64), ("adam",)),
+    ("maxvit_t", (1, 16, 32), ("adam",)),
+    ("vit_b_32", (1, 16, 64), ("adam",)),
+    ("swin_v2_t", (1, 16, 32), ("adam",)),
+    ("fcn_resnet50", (1, 4, 8), ("adam",)),
+    ("deeplabv3_mobilenet_v3_large", (2, 8, 16), ("adam",)),  # batch norm after a global pool: batch 2 at least
+    ("lraspp_mobilenet_v3_large", (2, 16, 32), ("adam",)),
+    ("r3d_18", (1, 8, 16), ("adam",)),
+    ("r2plus1d_18", (1, 4, 8), ("adam",)),
+    ("mc3_18", (1, 8, 16), ("adam",)),
+    ("fcos_resnet50_fpn", (1, 2, 4), ("adam",)),
+    ("retinanet_resnet50_fpn", (1, 2, 4), ("adam",)),
+    ("ssdlite320_mobilenet_v3_large", (2, 8, 32), ("adam",)),
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", (1, 2, 4), ("adam",)),
+    ("t5-small", (1, 8, 32), ("adam",)),
+    ("bart-base", (1, 8, 32), ("adam",)),
+    ("gptbigcode-small", (1, 4, 16), ("adam",)),
+]
+MAXBATCH_7 = [("fcn_resnet50", "4GiB"), ("r3d_18", "4GiB"), ("t5-small", "4GiB")]
 TIMED_3 = [("resnet34", 128), ("swin_t", 64), ("mnasnet1_0", 128), ("mistral-small", 16), ("lstm-lm", 64),
            ("torch-encoder", 64)]
 TIMED_4 = [("alexnet", 128)]
+TIMED_7 = [("resnet152", 64), ("r3d_18", 16), ("t5-small", 32)]
 # (model, batch, optimizer, bf16 autocast, "train" or "infer"): the records furthest below memlint.
 OPS = [("alexnet", 128, "sgd", True, "train"), ("alexnet", 128, "sgd", False, "train"),
        ("mnasnet1_0", 32, "adam", True, "train"), ("mobilenet_v2", 16, "adam", True, "train"),
@@ -152,7 +180,7 @@ OPT_6 = [("qwen3-small", 4, "adamw"), ("qwen3-small", 4, "adam_fused"), ("qwen3-
          ("qwen3-small", 4, "rmsprop"), ("swin_t", 32, "adamw"), ("swin_t", 32, "sgd_noforeach")]
 # Each round: its held-out models, its timed steps, its largest batches.
 ROUNDS = {1: (HELD_OUT, TIMED, MAXBATCH), 2: (HELD_OUT_2, TIMED, MAXBATCH_2), 3: (HELD_OUT_3, TIMED_3, MAXBATCH),
-          4: (HELD_OUT_4, TIMED_4, MAXBATCH), 5: (HELD_OUT_5, TIMED_4, MAXBATCH)}
+          4: (HELD_OUT_4, TIMED_4, MAXBATCH), 5: (HELD_OUT_5, TIMED_4, MAXBATCH), 7: (HELD_OUT_7, TIMED_7, MAXBATCH_7)}
 
 
 def device() -> torch.device:
@@ -208,11 +236,16 @@ def warm_up() -> dict[str, Any]:
     return env
 
 
+def call(model: torch.nn.Module, inputs: Any) -> Any:
+    """The model on its inputs: a tuple is its positional arguments (a detector's images and targets)."""
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
 def training_step(model: torch.nn.Module, spec: Any, batch: int, optimizer: Any, amp: bool) -> None:
     with torch.device(device()):
         inputs = spec.example_inputs(batch)
         with torch.autocast(device().type, dtype=torch.bfloat16, enabled=amp):
-            loss = spec.loss_fn(model(inputs), inputs)
+            loss = spec.loss_fn(call(model, inputs), inputs)
         loss.backward()
         del loss
         if optimizer is not None:
@@ -248,7 +281,7 @@ def measure_step(name: str, batch: int, optimizer_name: str, amp: bool = False, 
     weights = allocated()
     with torch.no_grad(), torch.device(device()), torch.autocast(device().type, torch.bfloat16, enabled=amp):
         inputs = spec.example_inputs(batch)
-        model(inputs)
+        call(model, inputs)
     infer = peak() - weights
     record = {"model": name, "batch": batch, "optimizer": optimizer_name, "amp": amp, "params": params,
               "param_bytes": param_bytes, "buffer_bytes": buffer_bytes, "after_model": after_model,

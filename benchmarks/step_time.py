@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from workloads import IMAGE_MODELS, OPTIMIZERS, spec_for, torchvision_available  # noqa: E402
+from workloads import OPTIMIZERS, needs_torchvision, spec_for, torchvision_available  # noqa: E402
 
 from memlint.estimator import Workload, analyse  # noqa: E402
 from memlint.targets import resolve_target  # noqa: E402
@@ -62,7 +62,7 @@ def main() -> int:
               "TFLOP/step", "GB moved/step"]
     rows, ratios = [], {"fp32": [], "bf16-mixed": []}
     for record in time_records(args.calibration):
-        if (args.only and record["model"] != args.only) or (record["model"] in IMAGE_MODELS and not have_vision):
+        if (args.only and record["model"] != args.only) or (needs_torchvision(record["model"]) and not have_vision):
             continue
         result = estimate(record)
         ratio = record["measured"] / result["step"]

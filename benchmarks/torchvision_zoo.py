@@ -27,6 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from workloads import family_inputs, torchvision_model  # noqa: E402
 from zoo import add_run_options, run_command_isolated, summarise  # noqa: E402
 
 FAMILIES = ("classification", "detection", "segmentation", "video", "optical_flow")
@@ -40,32 +41,9 @@ def models_of(family: str) -> list[str]:
     return torchvision.models.list_models(module=module)
 
 
-def family_inputs(family: str, name: str) -> tuple[Any, Any]:
-    """``(example_inputs(batch), loss_fn(output, inputs))`` of a family, as a model file would define them."""
-    import torch
-
-    if family == "detection":
-        def detection_inputs(batch: int) -> tuple:
-            targets = [{"boxes": torch.tensor([[10.0, 20.0, 200.0, 220.0], [50.0, 60.0, 150.0, 300.0]]),
-                        "labels": torch.tensor([1, 1]), "masks": torch.zeros(2, 320, 320, dtype=torch.uint8),
-                        "keypoints": torch.rand(2, 17, 3) * 300} for _ in range(batch)]
-            return [torch.rand(3, 320, 320) for _ in range(batch)], targets
-        return detection_inputs, lambda output, _inputs: sum(output.values())
-    if family == "segmentation":
-        return lambda batch: torch.rand(batch, 3, 224, 224), lambda output, _inputs: output["out"].mean()
-    if family == "video":  # MViT is built for 16 frames of 224 x 224, and S3D's kernels need more than 8 of 112
-        frames, side = (16, 224) if name.startswith(("mvit", "s3d")) else (8, 112)
-        return lambda batch: torch.rand(batch, 3, frames, side, side), None
-    if family == "optical_flow":
-        return (lambda batch: (torch.rand(batch, 3, 128, 128), torch.rand(batch, 3, 128, 128)),
-                lambda output, _inputs: output[-1].mean())
-    return lambda batch: torch.rand(batch, 3, 224, 224), None
-
-
 def measure_one(family: str, name: str) -> dict[str, Any]:
     """The real step and memlint's estimate for one model (run in its own process)."""
     import torch
-    import torchvision
 
     from fuzzing import real_step_peak
     from memlint.errors import ModelError
@@ -73,10 +51,8 @@ def measure_one(family: str, name: str) -> dict[str, Any]:
     from memlint.step import first_float_tensor
     from memlint.targets import resolve_target
 
-    options = {"weights_backbone": None} if family in ("detection", "segmentation") else {}
-
     def build() -> torch.nn.Module:
-        return torchvision.models.get_model(name, weights=None, **options)
+        return torchvision_model(family, name)
 
     example_inputs, loss_fn = family_inputs(family, name)
 

@@ -19,7 +19,14 @@ import torch.nn.functional as F
 IMAGE_MODELS = ("alexnet", "vgg16", "resnet18", "resnet50", "mobilenet_v2", "densenet121", "efficientnet_b0",
                 "convnext_tiny", "regnet_y_400mf", "shufflenet_v2_x1_0", "squeezenet1_0", "resnext50_32x4d",
                 "vit_b_16", "resnet34", "resnet101", "wide_resnet50_2", "densenet169", "efficientnet_b1",
-                "mobilenet_v3_large", "mnasnet1_0", "regnet_x_800mf", "convnext_small", "swin_t", "vgg11_bn")
+                "mobilenet_v3_large", "mnasnet1_0", "regnet_x_800mf", "convnext_small", "swin_t", "vgg11_bn",
+                "resnet152", "efficientnet_v2_s", "mobilenet_v3_small", "regnet_y_1_6gf", "maxvit_t", "vit_b_32",
+                "swin_v2_t")
+# torchvision models of the other tasks, by family, with the inputs and losses of benchmarks/torchvision_zoo.py.
+VISION_TASKS = {"fcn_resnet50": "segmentation", "deeplabv3_mobilenet_v3_large": "segmentation",
+                "lraspp_mobilenet_v3_large": "segmentation", "r3d_18": "video", "r2plus1d_18": "video",
+                "mc3_18": "video", "fcos_resnet50_fpn": "detection", "retinanet_resnet50_fpn": "detection",
+                "ssdlite320_mobilenet_v3_large": "detection", "fasterrcnn_mobilenet_v3_large_320_fpn": "detection"}
 
 # transformers models built from configs: (model class, config class, config overrides, task, sequence).
 # "causal" is judged with the GPT-2 loss of the protocol, "classify" with BERT's, "image" takes 224x224 images.
@@ -70,6 +77,12 @@ TRANSFORMERS = {
     "convnext-hf": ("ConvNextForImageClassification", "ConvNextConfig", {}, "image", None),
     "segformer-b0": ("SegformerForImageClassification", "SegformerConfig", {}, "image", None),
     "deit-hf": ("DeiTForImageClassification", "DeiTConfig", {}, "image", None),
+    # The seventh GPU round: encoder-decoders (the decoder reads the same ids) and multi-query attention.
+    "t5-small": ("T5ForConditionalGeneration", "T5Config", {"vocab_size": 32000}, "seq2seq", 256),
+    "bart-base": ("BartForConditionalGeneration", "BartConfig", {"vocab_size": 32000}, "seq2seq", 256),
+    "gptbigcode-small": ("GPTBigCodeForCausalLM", "GPTBigCodeConfig",
+                         {"n_embd": 512, "n_layer": 6, "n_head": 8, "vocab_size": 32000, "multi_query": True},
+                         "causal", 512),
 }
 SEQUENCE = {name: entry[4] for name, entry in TRANSFORMERS.items() if entry[4]}
 
@@ -102,7 +115,7 @@ def _image_inputs(batch: int) -> torch.Tensor:
 
 
 def _image_loss(output: torch.Tensor, _inputs: Any) -> torch.Tensor:
-    labels = torch.randint(0, 1000, (output.shape[0],))
+    labels = torch.randint(0, output.shape[1], (output.shape[0],))
     return F.cross_entropy(output, labels)
 
 
@@ -120,6 +133,37 @@ def _torchvision(name: str, checkpoint_stages: bool = False) -> torch.nn.Module:
     return model
 
 
+def family_inputs(family: str, name: str) -> tuple[Callable[[int], Any], Callable[[Any, Any], torch.Tensor] | None]:
+    """``(example_inputs(batch), loss_fn(output, inputs) or None)`` of a torchvision family, as a model file
+    would define them: detection models take two 320 x 320 images' worth of boxes per batch entry (their
+    transform scales them to 800 pixels); video models clips of 8 frames of 112 x 112 (MViT and S3D: 16 of
+    224 x 224); RAFT pairs of 128 x 128 frames; the others 224 x 224 images."""
+    if family == "detection":
+        def detection_inputs(batch: int) -> tuple:
+            targets = [{"boxes": torch.tensor([[10.0, 20.0, 200.0, 220.0], [50.0, 60.0, 150.0, 300.0]]),
+                        "labels": torch.tensor([1, 1]), "masks": torch.zeros(2, 320, 320, dtype=torch.uint8),
+                        "keypoints": torch.rand(2, 17, 3) * 300} for _ in range(batch)]
+            return [torch.rand(3, 320, 320) for _ in range(batch)], targets
+        return detection_inputs, lambda output, _inputs: sum(output.values())
+    if family == "segmentation":
+        return lambda batch: torch.rand(batch, 3, 224, 224), lambda output, _inputs: output["out"].mean()
+    if family == "video":  # MViT is built for 16 frames of 224 x 224, and S3D's kernels need more than 8 of 112
+        frames, side = (16, 224) if name.startswith(("mvit", "s3d")) else (8, 112)
+        return lambda batch: torch.rand(batch, 3, frames, side, side), None
+    if family == "optical_flow":
+        return (lambda batch: (torch.rand(batch, 3, 128, 128), torch.rand(batch, 3, 128, 128)),
+                lambda output, _inputs: output[-1].mean())
+    return lambda batch: torch.rand(batch, 3, 224, 224), None
+
+
+def torchvision_model(family: str, name: str) -> torch.nn.Module:
+    """A torchvision model without weights (a detector's or segmenter's backbone too: nothing downloads)."""
+    import torchvision
+
+    options = {"weights_backbone": None} if family in ("detection", "segmentation") else {}
+    return torchvision.models.get_model(name, weights=None, **options)
+
+
 class _Checkpointed(torch.nn.Module):
     """``torch.utils.checkpoint.checkpoint(stage, x, use_reentrant=False)`` around one stage."""
 
@@ -135,6 +179,17 @@ def _classify_loss(output: Any, _inputs: Any) -> torch.Tensor:
     return output.logits.float().mean()
 
 
+class _Seq2Seq(torch.nn.Module):
+    """An encoder-decoder trained on token ids, its decoder reading the same ids (teacher forcing)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> Any:
+        return self.model(input_ids=ids, decoder_input_ids=ids)
+
+
 def _causal_loss(output: Any, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output.logits.flatten(0, 1).float(), ids.flatten())
 
@@ -146,7 +201,7 @@ def _transformer(name: str, checkpointing: bool = False) -> torch.nn.Module:
     model = getattr(transformers, model_class)(getattr(transformers, config_class)(**overrides))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return _Seq2Seq(model) if TRANSFORMERS[name][3] == "seq2seq" else model
 
 
 class _NativeModel(torch.nn.Module):
@@ -212,12 +267,20 @@ def spec_for(model: str, seq: int | None = None, checkpointing: bool = False) ->
                     functools.partial(_ids, seq or length), _token_loss)
     if model in IMAGE_MODELS:
         return Spec(model, functools.partial(_torchvision, model, checkpointing), _image_inputs, _image_loss)
+    if model in VISION_TASKS:
+        family = VISION_TASKS[model]
+        inputs, loss_fn = family_inputs(family, model)
+        return Spec(model, functools.partial(torchvision_model, family, model), inputs, loss_fn or _image_loss)
     task = TRANSFORMERS[model][3]
     build = functools.partial(_transformer, model, checkpointing)
     if task == "image":
         return Spec(model, build, _image_inputs, _classify_loss)
-    loss = _causal_loss if task == "causal" else _classify_loss
+    loss = _causal_loss if task in ("causal", "seq2seq") else _classify_loss
     return Spec(model, build, functools.partial(_ids, seq or SEQUENCE[model]), loss)
+
+
+def needs_torchvision(model: str) -> bool:
+    return model in IMAGE_MODELS or model in VISION_TASKS
 
 
 def torchvision_available() -> bool:
