@@ -464,7 +464,7 @@ def op_log(name: str, batch: int, optimizer_name: str, amp: bool, mode: str) -> 
         clean()
         base = allocated()
         with torch.no_grad(), torch.device(device()), torch.autocast(device().type, torch.bfloat16, enabled=amp), log:
-            model(spec.example_inputs(batch))
+            call(model, spec.example_inputs(batch))
     record = {"model": name, "batch": batch, "optimizer": optimizer_name, "amp": amp, "mode": mode, "base": base,
               "peak_above_base": peak_of(log.ops) - base, "ops": log.ops}
     del model
@@ -645,6 +645,7 @@ def main() -> int:
     parser.add_argument("--round", type=int, choices=sorted(ROUNDS), default=1, help="which held-out round")
     parser.add_argument("--conv", help="conv phase jobs instead of the default ones: model:batch[:bf16],...")
     parser.add_argument("--ops", help="ops phase jobs instead of OPS: model:batch:optimizer:fp32|bf16:train|infer,...")
+    parser.add_argument("--maxbatch", help="maxbatch phase jobs instead of the round's: model:cap,...")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     phases = args.phases.split(",")
@@ -707,7 +708,8 @@ def main() -> int:
         record_all(args.out, "steps.json", "opt", [(measure_step, (m, shrink(b), o))
                                                    for m, b, o in OPT_6[: 1 if args.quick else None]], data)
     if "maxbatch" in phases:
-        jobs = [(max_batch, (m, cap, args.quick)) for m, cap in caps[: 1 if args.quick else None]]
+        chosen_caps = [tuple(job.split(":")) for job in args.maxbatch.split(",")] if args.maxbatch else caps
+        jobs = [(max_batch, (m, cap, args.quick)) for m, cap in chosen_caps[: 1 if args.quick else None]]
         record_all(args.out, "steps.json", "maxbatch", jobs, data)
     return 0
 

@@ -51,6 +51,12 @@ FP32_VIA_DTYPE: set[Callable] = {
 # new fp16 buffer at every call (``_cudnn_rnn_cast_reflatten`` in aten/src/ATen/cudnn/AutocastRNN.cpp).
 FP16_ALWAYS: set[Callable] = {torch._VF.lstm, torch._VF.gru, torch._VF.rnn_tanh, torch._VF.rnn_relu}
 
+# torchvision's ops with an autocast kernel (torchvision/csrc/ops/autocast/*.cpp): every floating input cast
+# to fp32, and a floating output cast back to the first input's dtype (nms returns indices). Named, since
+# torchvision registers them only when it is imported.
+TORCHVISION_FP32 = frozenset({"torchvision::roi_align", "torchvision::roi_pool", "torchvision::ps_roi_align",
+                              "torchvision::ps_roi_pool", "torchvision::deform_conv2d", "torchvision::nms"})
+
 # Ops that cast all inputs to the widest floating type among them (the "promote" policy).
 PROMOTE: set[Callable] = {torch.cat, torch.stack, torch.addcmul, torch.addcdiv, torch.index_put, torch.scatter_add}
 
@@ -86,6 +92,8 @@ class CudaAutocastMode(SeeThroughMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        if _op_name(func) in TORCHVISION_FP32:
+            return self._in_fp32(func, args, kwargs)
         if func in LOWER_PRECISION:
             args, kwargs = tree_map(lambda v: self._cast(v, self.dtype), (args, kwargs))
         elif func in FP32:
@@ -100,3 +108,16 @@ class CudaAutocastMode(SeeThroughMode):
                 widest = max((t.dtype for t in tensors), key=lambda d: torch.finfo(d).bits)
                 args, kwargs = tree_map(lambda v: self._cast(v, widest), (args, kwargs))
         return self.call(func, args, kwargs)
+
+    def _in_fp32(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        """A torchvision op as its autocast kernel runs it: on fp32 copies, its output cast back."""
+        dtype = args[0].dtype if args and _eligible(args[0]) else None
+        args, kwargs = tree_map(lambda v: self._cast(v, torch.float32, cache=False), (args, kwargs))
+        out = self.call(func, args, kwargs)
+        return out if dtype is None else tree_map(lambda v: self._cast(v, dtype, cache=False), out)
+
+
+def _op_name(func: Any) -> str | None:
+    """``namespace::name`` of an op packet or overload (torch.ops.torchvision.roi_align and its .default)."""
+    packet = getattr(func, "_overloadpacket", func)
+    return getattr(packet, "_qualified_op_name", None)

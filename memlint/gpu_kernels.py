@@ -57,7 +57,6 @@ class _EfficientAttention(torch.autograd.Function):
         out = _kernel_output(query, value)
         lse = query.new_empty((*batch, math.ceil(length / LSE_PAD) * LSE_PAD), dtype=torch.float32)
         ctx.save_for_backward(query, key, value, out, lse, *(() if mask is None else (mask,)))
-        ctx.has_mask = mask is not None
         return out
 
     @staticmethod
@@ -66,8 +65,7 @@ class _EfficientAttention(torch.autograd.Function):
         delta = lse.new_empty(lse.shape)  # the kernel's rowsum(dO * O) scratch, freed on return
         grads = (torch.empty_like(query), torch.empty_like(key), torch.empty_like(value))
         del delta
-        mask_grad = torch.empty_like(mask[0]) if mask and mask[0].requires_grad else None
-        return (*grads, mask_grad)
+        return (*grads, None)  # a mask that requires grad never reaches the kernel (_fused_kernel_takes)
 
 
 def _kernel_output(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -99,8 +97,13 @@ def _fused_kernel_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     Both take only queries, keys and values of one batch size and one number of heads
     (``check_batch_size_and_num_heads_dense`` in sdp_utils_cpp.h), except grouped-query attention
     asked for with ``enable_gqa``; keys and values broadcast over the heads (Falcon's multi-query
-    attention passes one key head for eight query heads) run the math path.
+    attention passes one key head for eight query heads) run the math path. Neither takes a mask that
+    requires grad (``check_attn_mask_shape``): T5's learned position bias, passed as the mask, runs
+    its self-attention on the math path (the op log of T5-small on an H200), its cross-attention,
+    whose bias is constant zeros, on the memory-efficient kernel.
     """
+    if attn_mask is not None and attn_mask.requires_grad:
+        return False
     if query.shape[:-2] == key.shape[:-2] == value.shape[:-2]:
         return True
     if not enable_gqa or query.dim() < 3 or key.shape[-3] == query.shape[-3]:
@@ -113,6 +116,9 @@ def _gpu_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
               dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
               enable_gqa: bool = False) -> torch.Tensor:
     if not _fused_kernel_takes(query, key, value, attn_mask, enable_gqa):
+        if dropout_p > 0.0:
+            return _math_attention_with_fused_dropout(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                                                      enable_gqa)
         return torch.ops.aten._scaled_dot_product_attention_math(
             query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)[0]
     if enable_gqa:
@@ -121,6 +127,32 @@ def _gpu_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in (query, key, value)):
         return _kernel_output(query, value)
     return _EfficientAttention.apply(query, key, value, mask)
+
+
+def _math_attention_with_fused_dropout(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                       attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool,
+                                       scale: float | None, enable_gqa: bool) -> torch.Tensor:
+    """``_scaled_dot_product_attention_math`` (aten/src/ATen/native/transformers/attention.cpp) op by op,
+    with dropout as CUDA runs it: its ``at::dropout`` is the fused ``native_dropout`` (a 1-byte mask) on a
+    GPU, where the aten op run on the simulation's CPU fake tensors would take the CPU's ``_dropout_impl``
+    (a mask of the scores' dtype: T5-small's self-attention came out 12.6 MB per layer high at batch 8).
+    The ops are those of the op log of T5-small on an H200: ``q`` and ``k^T`` each scaled by the scale's
+    square root, their product, the mask added, the safe softmax, the dropout, the product with ``v``."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+    factor = math.sqrt(abs(scale))
+    query = query * (factor if scale >= 0 else -factor)
+    if is_causal:
+        attn_mask = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:  # convert_boolean_attn_mask
+        attn_mask = torch.zeros(attn_mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+            attn_mask.logical_not(), float("-inf"))
+    if enable_gqa:
+        key, value = _expand_heads(query, key), _expand_heads(query, value)
+    scores = torch.matmul(query, key.transpose(-2, -1) * factor)
+    if attn_mask is not None:
+        scores = scores.add(attn_mask)
+    softmax = torch.ops.aten._safe_softmax if hasattr(torch.ops.aten, "_safe_softmax") else torch.softmax
+    return torch.matmul(_gpu_dropout(softmax(scores, -1), dropout_p), value)
 
 
 def _gpu_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
