@@ -39,6 +39,13 @@ FP32: set[Callable] = {
     F.margin_ranking_loss, F.multilabel_margin_loss, F.soft_margin_loss, F.triplet_margin_loss,
     F.multi_margin_loss, F.binary_cross_entropy_with_logits, torch.dist, torch.cdist, torch.renorm,
     torch.logsumexp, T.logsumexp, F.cross_entropy,
+    # The upsampling kernels F.interpolate calls (all its modes but "area"), in the list since PyTorch 2.1; an
+    # H200's op log of DeepLabV3 under bf16 autocast casts the logits up before upsampling them.
+    *(getattr(torch._C._nn, name) for name in (
+        "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "_upsample_nearest_exact1d",
+        "_upsample_nearest_exact2d", "_upsample_nearest_exact3d", "upsample_linear1d", "upsample_bilinear2d",
+        "_upsample_bilinear2d_aa", "upsample_trilinear3d", "upsample_bicubic2d", "_upsample_bicubic2d_aa")
+      if hasattr(torch._C._nn, name)),
 }
 
 # Ops that run in fp32 through their dtype argument (the "fp32_set_opt_dtype" policy): no input copy.
