@@ -136,8 +136,13 @@ def _math_attention_with_fused_dropout(query: torch.Tensor, key: torch.Tensor, v
     with dropout as CUDA runs it: its ``at::dropout`` is the fused ``native_dropout`` (a 1-byte mask) on a
     GPU, where the aten op run on the simulation's CPU fake tensors would take the CPU's ``_dropout_impl``
     (a mask of the scores' dtype: T5-small's self-attention came out 12.6 MB per layer high at batch 8).
-    The ops are those of the op log of T5-small on an H200: ``q`` and ``k^T`` each scaled by the scale's
-    square root, their product, the mask added, the safe softmax, the dropout, the product with ``v``."""
+    The ops are those of the op logs of T5-small on an H200: half-precision ``q``, ``k``, ``v`` copied to
+    fp32 (the math path computes in fp32 since PyTorch 2.5), ``q`` and ``k^T`` each scaled by the scale's
+    square root, their product, the mask added, the safe softmax, the dropout, the weights cast back (the
+    op's second output, which SDPA drops), the product with ``v``, cast back."""
+    dtype = query.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        query, key, value = (tensor.to(torch.float32) for tensor in (query, key, value))
     scale = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])
     factor = math.sqrt(abs(scale))
     query = query * (factor if scale >= 0 else -factor)
@@ -152,7 +157,9 @@ def _math_attention_with_fused_dropout(query: torch.Tensor, key: torch.Tensor, v
     if attn_mask is not None:
         scores = scores.add(attn_mask)
     softmax = torch.ops.aten._safe_softmax if hasattr(torch.ops.aten, "_safe_softmax") else torch.softmax
-    return torch.matmul(_gpu_dropout(softmax(scores, -1), dropout_p), value)
+    weights = _gpu_dropout(softmax(scores, -1), dropout_p)
+    weights.to(dtype)  # the op's second output, dropped at once
+    return torch.matmul(weights, value).to(dtype)
 
 
 def _gpu_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> torch.Tensor:
