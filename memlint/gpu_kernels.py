@@ -65,7 +65,8 @@ class _EfficientAttention(torch.autograd.Function):
         delta = lse.new_empty(lse.shape)  # the kernel's rowsum(dO * O) scratch, freed on return
         grads = (torch.empty_like(query), torch.empty_like(key), torch.empty_like(value))
         del delta
-        return (*grads, None)  # a mask that requires grad never reaches the kernel (_fused_kernel_takes)
+        mask_grad = torch.empty_like(mask[0]) if mask and mask[0].requires_grad else None
+        return (*grads, mask_grad)
 
 
 def _kernel_output(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -97,12 +98,13 @@ def _fused_kernel_takes(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     Both take only queries, keys and values of one batch size and one number of heads
     (``check_batch_size_and_num_heads_dense`` in sdp_utils_cpp.h), except grouped-query attention
     asked for with ``enable_gqa``; keys and values broadcast over the heads (Falcon's multi-query
-    attention passes one key head for eight query heads) run the math path. Neither takes a mask that
-    requires grad (``check_attn_mask_shape``): T5's learned position bias, passed as the mask, runs
-    its self-attention on the math path (the op log of T5-small on an H200), its cross-attention,
-    whose bias is constant zeros, on the memory-efficient kernel.
+    attention passes one key head for eight query heads) run the math path. On a GPU neither takes a
+    mask whose last dimension is strided (``check_last_dim_stride_equals_1_dense``, "GPU backends
+    only"): T5's position bias, an embedding permuted to ``(1, H, L, L)``, runs its self-attention on
+    the math path (the op log of T5-small on an H200), its cross-attention, whose bias is contiguous
+    zeros, on the memory-efficient kernel, as does Swin's contiguous learned bias.
     """
-    if attn_mask is not None and attn_mask.requires_grad:
+    if attn_mask is not None and attn_mask.dim() and attn_mask.stride(-1) != 1 and attn_mask.shape[-1] != 1:
         return False
     if query.shape[:-2] == key.shape[:-2] == value.shape[:-2]:
         return True

@@ -167,30 +167,33 @@ def test_keys_broadcast_over_the_heads_run_the_math_path():
 
 
 class BiasedSelfAttention(nn.Module):
-    """T5's self-attention: a position bias of (1, H, L, L), learned or constant, passed as SDPA's mask."""
+    """T5's self-attention: a learned position bias passed as SDPA's mask, laid out as T5's embedding leaves
+    it, ``(L, L, H)`` permuted to ``(1, H, L, L)`` (heads innermost), or contiguous, as Swin's."""
 
-    def __init__(self, learned: bool) -> None:
+    def __init__(self, permuted: bool) -> None:
         super().__init__()
+        self.permuted = permuted
         self.qkv = nn.Linear(64, 192)
-        self.bias = nn.Parameter(torch.zeros(1, 8, 256, 256), requires_grad=learned)
+        self.bias = nn.Parameter(torch.zeros(256, 256, 8) if permuted else torch.zeros(1, 8, 256, 256))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, _ = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, 8, 8).permute(2, 0, 3, 1, 4)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias, dropout_p=0.1).sum(-1)
+        bias = self.bias.permute(2, 0, 1).unsqueeze(0) if self.permuted else self.bias
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=0.1).sum(-1)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
-def test_a_mask_that_requires_grad_runs_the_math_path_with_cudas_fused_dropout(precision):
-    """No fused kernel takes a mask that requires grad: the math path saves the softmax, the dropout's
-    output (4 bytes each: it computes in fp32, bf16 inputs too) and its mask, which CUDA's fused dropout
-    keeps in 1 byte where the CPU's kernel would keep 4 (T5-small came out 15-18% low, then 5% high, and
-    9% low in bf16, before each). A constant bias runs the memory-efficient kernel, which saves no L x L
-    matrix."""
+def test_a_strided_mask_runs_the_math_path_with_cudas_fused_dropout(precision):
+    """On a GPU no fused kernel takes a mask whose last dimension is strided: the math path saves the
+    softmax, the dropout's output (4 bytes each: it computes in fp32, bf16 inputs too) and its mask,
+    which CUDA's fused dropout keeps in 1 byte where the CPU's kernel would keep 4 (T5-small came out
+    15-18% low, then 5% high, and 9% low in bf16, before each). A contiguous bias, learned as well, runs
+    the memory-efficient kernel, which saves no L x L matrix."""
     elements = 4 * 8 * 256 * 256  # (B, H, L, L)
-    saved = {learned: analyse(workload(lambda: BiasedSelfAttention(learned), shape=(256, 64), precision=precision),
-                              resolve_target("h200"), 1.0, find_max_batch=False).breakdown["activations"]
-             for learned in (True, False)}
+    saved = {permuted: analyse(workload(lambda: BiasedSelfAttention(permuted), shape=(256, 64), precision=precision),
+                               resolve_target("h200"), 1.0, find_max_batch=False).breakdown["activations"]
+             for permuted in (True, False)}
     assert 9 * elements <= saved[True] < 10 * elements
     assert saved[False] < elements
 
