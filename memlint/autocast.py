@@ -48,10 +48,13 @@ FP32: set[Callable] = {
       if hasattr(torch._C._nn, name)),
 }
 
-# Ops that run in fp32 through their dtype argument (the "fp32_set_opt_dtype" policy): no input copy.
+# Ops that run in fp32 through their dtype argument (the "fp32_set_opt_dtype" and "fp32_append_dtype"
+# policies): no input copy, an fp32 output. Sums and norms among them: Swin V2's cosine attention
+# (F.normalize) divides bf16 by an fp32 norm, an fp32 quotient, in the op log of an H200.
 FP32_VIA_DTYPE: set[Callable] = {
     F.softmax, torch.softmax, T.softmax, F.log_softmax, torch.log_softmax, T.log_softmax, torch.cumsum,
-    T.cumsum, torch.cumprod, T.cumprod, torch.prod, T.prod,
+    T.cumsum, torch.cumprod, T.cumprod, torch.prod, T.prod, torch.sum, T.sum, torch.norm, T.norm,
+    torch.linalg.vector_norm, torch.linalg.matrix_norm,
 }
 
 # cuDNN's recurrent layers run in fp16 under autocast whatever its dtype, on weights copied into a
