@@ -41,7 +41,8 @@ torch.nn alone (cuDNN's recurrent layers, nn.TransformerEncoder) and the step ti
 recurrent models measured after cuDNN's kernels were modelled from round 3, AlexNet's step times again; 5,
 ten transformers architectures; 7, torchvision classifiers, segmentation, video and detection models,
 encoder-decoders and multi-query attention (``HELD_OUT_7``), and the largest batches of ``MAXBATCH_7``.
-``--conv model:batch[:bf16],...`` logs the convolution workspaces of other steps.
+``--conv model:batch[:bf16],...`` logs the convolution workspaces of other steps, ``--ops`` the ops of other
+records, ``--maxbatch model:cap,...`` the largest batches of other models.
 
 ``--device cpu --quick`` runs every code path on tiny batches without CUDA (numbers are zero), to
 test the script before spending GPU time.
