@@ -42,7 +42,8 @@ recurrent models measured after cuDNN's kernels were modelled from round 3, Alex
 ten transformers architectures; 7, torchvision classifiers, segmentation, video and detection models,
 encoder-decoders and multi-query attention (``HELD_OUT_7``), and the largest batches of ``MAXBATCH_7``.
 ``--conv model:batch[:bf16],...`` logs the convolution workspaces of other steps, ``--ops`` the ops of other
-records, ``--maxbatch model:cap,...`` the largest batches of other models.
+records, ``--maxbatch model:cap,...`` the largest batches of other models, ``--oom model:cap:batch,...``
+the steps under a capacity of other records.
 
 ``--device cpu --quick`` runs every code path on tiny batches without CUDA (numbers are zero), to
 test the script before spending GPU time.
@@ -647,6 +648,7 @@ def main() -> int:
     parser.add_argument("--conv", help="conv phase jobs instead of the default ones: model:batch[:bf16],...")
     parser.add_argument("--ops", help="ops phase jobs instead of OPS: model:batch:optimizer:fp32|bf16:train|infer,...")
     parser.add_argument("--maxbatch", help="maxbatch phase jobs instead of the round's: model:cap,...")
+    parser.add_argument("--oom", help="oom phase jobs instead of OOM: model:cap:batch,...")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     phases = args.phases.split(",")
@@ -698,7 +700,9 @@ def main() -> int:
         jobs = [(encoder_inference, (c,)) for c in ENCODER_CONFIGS[: 1 if args.quick else None]]
         record_all(args.out, "encoder.json", "encoder", jobs, {"env": data["env"]})
     if "oom" in phases:
-        jobs = [(oom_diagnosis, (m, cap, shrink(b))) for m, cap, batches in OOM[: 1 if args.quick else None]
+        chosen_oom = [(m, cap, (int(b),)) for m, cap, b in (job.split(":") for job in args.oom.split(","))] \
+            if args.oom else OOM
+        jobs = [(oom_diagnosis, (m, cap, shrink(b))) for m, cap, batches in chosen_oom[: 1 if args.quick else None]
                 for b in batches]
         record_all(args.out, "oom.json", "oom", jobs, {"env": data["env"]})
     if "variants" in phases:
