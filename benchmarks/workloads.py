@@ -137,7 +137,7 @@ def family_inputs(family: str, name: str) -> tuple[Callable[[int], Any], Callabl
     """``(example_inputs(batch), loss_fn(output, inputs) or None)`` of a torchvision family, as a model file
     would define them: detection models take two 320 x 320 images' worth of boxes per batch entry (their
     transform scales them to 800 pixels); video models clips of 8 frames of 112 x 112 (MViT and S3D: 16 of
-    224 x 224); RAFT pairs of 128 x 128 frames; the others 224 x 224 images."""
+    224 x 224); RAFT pairs of 128 x 128 frames; the others 224 x 224 images (Inception v3: 299 x 299)."""
     if family == "detection":
         def detection_inputs(batch: int) -> tuple:
             targets = [{"boxes": torch.tensor([[10.0, 20.0, 200.0, 220.0], [50.0, 60.0, 150.0, 300.0]]),
@@ -153,7 +153,8 @@ def family_inputs(family: str, name: str) -> tuple[Callable[[int], Any], Callabl
     if family == "optical_flow":
         return (lambda batch: (torch.rand(batch, 3, 128, 128), torch.rand(batch, 3, 128, 128)),
                 lambda output, _inputs: output[-1].mean())
-    return lambda batch: torch.rand(batch, 3, 224, 224), None
+    side = 299 if name == "inception_v3" else 224  # Inception v3's kernels need its own image size
+    return lambda batch: torch.rand(batch, 3, side, side), None
 
 
 def torchvision_model(family: str, name: str) -> torch.nn.Module:
