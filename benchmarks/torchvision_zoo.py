@@ -7,8 +7,9 @@ Needs torchvision (the benchmark environment). Each model of ``torchvision.model
 without weights, trained for three real CPU steps (Adam) and analysed by memlint on ``cpu:64GiB`` with
 the same inputs, each in a fresh process: detection models on two 320 x 320 images with two boxes of
 class 1 each (Keypoint R-CNN has one class), which their transform scales to 800 pixels; classification
-and segmentation models on two 224 x 224 images; video models on two clips of 8 frames of 112 x 112 (MViT
-and S3D: 16 of 224 x 224); RAFT on two pairs of 128 x 128 frames. A host target runs the CPU's own
+and segmentation models on two 224 x 224 images (Inception v3: 299 x 299); video models on two clips of 8
+frames of 112 x 112 (MViT and S3D: 16 of 224 x 224); RAFT on two pairs of 128 x 128 frames (inputs from
+``workloads.family_inputs``, which the GPU measurements share). A host target runs the CPU's own
 kernels, so the real step is the ground truth to the byte, where the step's memory does not depend on
 values the data decides: a detector's non-maximum suppression keeps the boxes the data leaves, and
 memlint assumes it keeps every one (an upper bound, reported as such).
