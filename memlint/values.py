@@ -150,17 +150,13 @@ class ValueKnowledge:
         if facts.random:
             return None
         inputs = _tensors((*args, *kwargs.values()))
-        if any(_is_fake(t) and t not in self.values and _constant(t) is None for t in inputs) or (
-                not inputs and not facts.source):
+        if any(_is_fake(t) and self._value_of(t) is None for t in inputs) or (not inputs and not facts.source):
             return None
 
         def real(value: Any) -> Any:
             if isinstance(value, (list, tuple)):
                 return type(value)(real(v) for v in value)
-            if not _is_fake(value):
-                return value
-            known = self.values.get(value)
-            return _constant(value) if known is None else known
+            return self._value_of(value) if _is_fake(value) else value
 
         with _disable_current_modes():
             try:
@@ -249,11 +245,14 @@ class ValueKnowledge:
                 self.share[out] = 1.0 / values.numel()
                 return
 
+    def _value_of(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """A fake tensor's real value: computed here, or the number FakeTensorMode keeps with it; else None."""
+        known = self.values.get(tensor)
+        return _constant(tensor) if known is None else known
+
     def scalar(self, tensor: torch.Tensor) -> Any:
         """The value of a one-element tensor when known (computed here, or a number FakeTensorMode keeps), else None."""
-        values = self.values.get(tensor)
-        if values is None:
-            values = _constant(tensor)
+        values = self._value_of(tensor)
         if values is None or values.numel() != 1:
             return None
         with _disable_current_modes():  # a real tensor: read, not turned fake and read again
