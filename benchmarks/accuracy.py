@@ -1,6 +1,6 @@
 """The accuracy judge: memlint's estimate against real GPU peaks, beside MemTracker and torchinfo.
 
-    python benchmarks/accuracy.py [--calibration ../shared/calibration] [--only gpt2] [--peers]
+    python benchmarks/accuracy.py [--calibration ../shared/calibration] [--only gpt2] [--source FILE] [--peers]
 
 For every record of the calibration files (and benchmarks/measurements/*.json, where new
 ground truth measured with the same protocol goes), prints measured and estimated
@@ -104,7 +104,8 @@ def estimate(record: dict[str, Any], target: str = "h200") -> int:
 
 def maxbatch_records(calibration: Path, sources: str = "all") -> Iterator[dict[str, Any]]:
     for file in record_files([calibration / "h200_public.json"], sources):
-        yield from json.loads(file.read_text()).get("maxbatch", [])
+        for record in json.loads(file.read_text()).get("maxbatch", []):
+            yield {**record, "source": file.stem}
 
 
 def estimate_max_batch(record: dict[str, Any]) -> int | None:
@@ -167,6 +168,11 @@ def torchinfo_total(record: dict[str, Any]) -> int | None:
     return int(stats.total_input + stats.total_output_bytes + stats.total_param_bytes)
 
 
+def selected(args: argparse.Namespace, record: dict[str, Any]) -> bool:
+    """Whether ``--only`` (a model) and ``--source`` (a file) keep this record."""
+    return (not args.only or record["model"] == args.only) and (not args.source or record["source"] == args.source)
+
+
 def error(estimated: int | None, measured: int) -> float | None:
     return None if estimated is None else (estimated - measured) / measured
 
@@ -199,7 +205,7 @@ def print_inference(args: argparse.Namespace, have_vision: bool) -> None:
     errors, seen = [], set()
     for record in itertools.chain(records(args.calibration, args.records), layer_records(args.records)):
         key = (record["model"], record["batch"], record["precision"])
-        if record.get("infer") is None or key in seen or (args.only and record["model"] != args.only) or (
+        if record.get("infer") is None or key in seen or not selected(args, record) or (
                 needs_torchvision(record["model"]) and not have_vision):
             continue
         seen.add(key)
@@ -216,7 +222,7 @@ def print_max_batch(args: argparse.Namespace, have_vision: bool) -> None:
     errors = []
     print(f"{'model':<20}{'cap':<7}{'measured':>9}{'memlint':>9}{'err':>8}")
     for record in maxbatch_records(args.calibration, args.records):
-        if (args.only and record["model"] != args.only) or (needs_torchvision(record["model"]) and not have_vision):
+        if not selected(args, record) or (needs_torchvision(record["model"]) and not have_vision):
             continue
         estimated = estimate_max_batch(record)
         err = error(estimated, record["max_batch"])
@@ -234,7 +240,7 @@ def print_training(args: argparse.Namespace, have_vision: bool) -> int:
     by_source: dict[str, list[float]] = {}
     skipped = 0
     for record in records(args.calibration, args.records):
-        if args.only and record["model"] != args.only:
+        if not selected(args, record):
             continue
         if needs_torchvision(record["model"]) and not have_vision:
             skipped += 1
@@ -291,6 +297,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calibration", type=Path, default=HERE.parent.parent / "shared" / "calibration")
     parser.add_argument("--only", help="only records of this model")
+    parser.add_argument("--source", help="only records of this file (its name without .json: h200_2026-11-27)")
     parser.add_argument("--peers", action="store_true", help="also run MemTracker and torchinfo")
     parser.add_argument("--sections", default="training,maxbatch,inference",
                         help="which comparisons to run, comma-separated: training, maxbatch, inference")
