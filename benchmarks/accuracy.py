@@ -23,7 +23,7 @@ from typing import Any, Iterator
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from workloads import OPTIMIZERS, encoder_layer_name, needs_torchvision, spec_for, torchvision_available  # noqa: E402
+from workloads import OPTIMIZERS, call, encoder_layer_name, needs_torchvision, spec_for, torchvision_available  # noqa: E402
 
 import memlint.gpu_kernels  # noqa: E402
 from memlint.estimator import Workload, analyse  # noqa: E402
@@ -54,9 +54,9 @@ def layer_records(sources: str = "all") -> Iterator[dict[str, Any]]:
     """Inference records of single layers (the encoder phase of ``gpu_measure.py``): no training peak.
     Their base held the layer and its input, so their peak is above both."""
     for file in record_files([], sources):
-        for call in json.loads(file.read_text()).get("encoder", []):
-            yield {"set": "encoder", "model": encoder_layer_name(call), "batch": call["batch"], "optimizer": "none",
-                   "precision": "fp32", "infer": call["peak_above_base"], "infer_includes_inputs": False,
+        for layer in json.loads(file.read_text()).get("encoder", []):
+            yield {"set": "encoder", "model": encoder_layer_name(layer), "batch": layer["batch"], "optimizer": "none",
+                   "precision": "fp32", "infer": layer["peak_above_base"], "infer_includes_inputs": False,
                    "source": file.stem}
 
 
@@ -140,7 +140,7 @@ def memtracker_peak(record: dict[str, Any]) -> int | None:
             with tracker:
                 inputs = spec.example_inputs(record["batch"])
                 with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                    loss = spec.loss_fn(model(inputs), inputs)
+                    loss = spec.loss_fn(call(model, inputs), inputs)
                 loss.backward()
                 del loss
                 if optimizer:
@@ -164,7 +164,9 @@ def torchinfo_total(record: dict[str, Any]) -> int | None:
         return None
     spec = spec_for(record["model"], record.get("seq"), False)
     model = spec.build()
-    stats = torchinfo.summary(model, input_data=[spec.example_inputs(record["batch"])], verbose=0, device="cpu")
+    inputs = spec.example_inputs(record["batch"])
+    stats = torchinfo.summary(model, input_data=list(inputs) if isinstance(inputs, tuple) else [inputs], verbose=0,
+                              device="cpu")
     return int(stats.total_input + stats.total_output_bytes + stats.total_param_bytes)
 
 

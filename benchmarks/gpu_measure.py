@@ -65,7 +65,7 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 
-from workloads import OPTIMIZERS, spec_for  # noqa: E402
+from workloads import OPTIMIZERS, call, spec_for  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 
@@ -236,11 +236,6 @@ def warm_up() -> dict[str, Any]:
     env["allocated_after_warm_up"] = allocated()
     env["reserved_after_warm_up"] = torch.cuda.memory_reserved() if CUDA else 0
     return env
-
-
-def call(model: torch.nn.Module, inputs: Any) -> Any:
-    """The model on its inputs: a tuple is its positional arguments (a detector's images and targets)."""
-    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
 
 
 def training_step(model: torch.nn.Module, spec: Any, batch: int, optimizer: Any, amp: bool) -> None:

@@ -258,6 +258,12 @@ def _token_loss(output: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(output.flatten(0, 1).float(), ids.flatten())
 
 
+def call(model: torch.nn.Module, inputs: Any) -> Any:
+    """The model on its inputs, as memlint calls it: a tuple is its positional arguments (a detector's images
+    and targets)."""
+    return model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+
+
 def spec_for(model: str, seq: int | None = None, checkpointing: bool = False) -> Spec:
     layer = _ENCODER_LAYER.match(model)
     if layer:
