@@ -300,11 +300,12 @@ class StepCounter(FlopCounterMode):
     """FlopCounterMode that also keeps, per module and phase, the bytes moved and the roofline time.
 
     Pass it to ``simulate_step`` as an extra mode. Counts restart whenever the root module's
-    forward starts (outside backward), so they describe the last simulated step; steps before
-    the ``count_from``-th are not counted (the simulation runs at least that many).
+    forward starts (outside backward), so they describe the last simulated step; a step whose
+    forward and backward the simulation copies from the one before, running only its optimizer
+    step, has that step counted in place of the one before's (``step_begins``, ``count_step_again``).
     """
 
-    def __init__(self, model: torch.nn.Module, target: "Target", blocks: list[str] = (), count_from: int = 1) -> None:
+    def __init__(self, model: torch.nn.Module, target: "Target", blocks: list[str] = ()) -> None:
         super().__init__(display=False)
         # The CPU's fused attention kernel (a host target runs it) has no formula of its own: the flash kernel's.
         registry = self.flop_registry
@@ -315,7 +316,6 @@ class StepCounter(FlopCounterMode):
         registry[aten.mkldnn_rnn_layer_backward] = _onednn_rnn_backward_flops
         self.mod_tracker = _StepModuleTracker(self)
         self.model = model
-        self.count_from = max(1, count_from)
         self.active = False
         self.roofline = Roofline(target)
         self.root = type(model).__name__
@@ -324,9 +324,11 @@ class StepCounter(FlopCounterMode):
         self._stand_ins = (_StandInCosts("_gpu_sdpa", self.count_attention),
                            _StandInCosts("_gpu_rnn", self.count_recurrent))
         self._handles: list[Any] = []
+        self._backward_hooks: list[Any] = []  # a step's stand-ins' backward counts (on parameters too: removed)
         self._block_names: dict[torch.nn.Module, str] = {}
         self._names: dict[frozenset[str], tuple[str, ...]] = {}
         self.steps = 0
+        self._at_step: tuple | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -359,6 +361,7 @@ class StepCounter(FlopCounterMode):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._remove_backward_hooks()
         for stand_in in self._stand_ins:
             stand_in.__exit__(*exc)
         assert self.mode is not None
@@ -370,8 +373,31 @@ class StepCounter(FlopCounterMode):
     def start_step(self) -> None:
         """The root module's forward starts (outside backward): a new step."""
         self.steps += 1
-        self.active = self.steps >= self.count_from
+        self.active = True
         self._reset()
+        self._remove_backward_hooks()
+
+    def _remove_backward_hooks(self) -> None:
+        """A hook on a parameter outlives its step: the next step's backward would count the kernel again."""
+        for hook in self._backward_hooks:
+            hook.remove()
+        self._backward_hooks.clear()
+
+    def step_begins(self) -> None:
+        """Keep the counts as the optimizer step finds them."""
+        self._at_step = ({module: dict(ops) for module, ops in self.flop_counts.items()},
+                         {scope: list(costs) for scope, costs in self._by_scope.items()},
+                         self.total_flops, self.total_bytes, self.seconds, self.compute_bound_seconds)
+
+    def count_step_again(self) -> None:
+        """Back to the counts kept when the optimizer step began: the next step runs its own on a copy
+        of this forward and backward (memlint/simulate.py), and is counted in place of this one's."""
+        assert self._at_step is not None
+        flops, scopes, self.total_flops, self.total_bytes, self.seconds, self.compute_bound_seconds = self._at_step
+        self.flop_counts.clear()
+        for module, ops in flops.items():
+            self.flop_counts[module].update(ops)
+        self._by_scope = defaultdict(lambda: [0, 0], {scope: list(costs) for scope, costs in scopes.items()})
 
     def _on_block(self, module: torch.nn.Module, args: Any, kwargs: Any, _output: Any) -> None:
         name = self._block_names.get(module)
@@ -491,7 +517,8 @@ class StepCounter(FlopCounterMode):
         None for a recomputed output's own graph, which never runs backward."""
         needing = [t for t in inputs if t.requires_grad]
         if needing and not _is_bw():
-            register_multi_grad_hook(needing, lambda _grad: self._count_kernel(op, flops, nbytes, dtype), mode="any")
+            self._backward_hooks.append(register_multi_grad_hook(
+                needing, lambda _grad: self._count_kernel(op, flops, nbytes, dtype), mode="any"))
 
 
 def annotate(report: "ModelReport", counter: StepCounter, result: "SimulationResult", *, data_parallel: int = 1,
@@ -502,7 +529,7 @@ def annotate(report: "ModelReport", counter: StepCounter, result: "SimulationRes
         layer.flops_forward = forward.get(layer.name, 0)
         layer.flops_backward = backward.get(layer.name, 0)
         layer.bytes_moved = moved.get(layer.name, 0)
-    if counter.steps < counter.count_from:  # the simulation ran fewer steps than planned: nothing counted
+    if not counter.steps:  # the model's forward never ran: nothing counted
         return
     report.flops_per_step = counter.total_flops
     report.bytes_per_step = counter.total_bytes

@@ -97,7 +97,7 @@ class Estimator:
         self.evaluations: dict[int, Evaluation] = {}
         self.simulated: dict[int, Ledger] = {}
         self.interpolable: dict[tuple[int, int], bool] = {}  # two simulated batch sizes: same_allocations?
-        self.scale = ScalePlan(self.model, workload, target, self.plan)
+        self.scale = ScalePlan(self.model, workload, target)
         self.bool_answer = True  # see _traced_and_simulated
         self.probes_misalign = False  # see _from_first_iteration
 

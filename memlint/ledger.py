@@ -99,13 +99,19 @@ class Ledger:
         For an iteration that freed every storage it allocated and nothing it found
         (``simulate_step`` checks): the next one, starting from the same state, records this.
         """
-        start, renamed = self.iteration_marks[-1], {}
+        start = self.iteration_marks[-1]
         self.mark_iteration()
-        for kind, sid, name in self.events[start:self.iteration_marks[-1]]:
+        self.repeat_events(start, self.iteration_marks[-1])
+
+    def repeat_events(self, start: int, end: int) -> dict[int, int]:
+        """Record ``events[start:end]`` again, the storages they allocate under new ids (old id -> new id)."""
+        renamed: dict[int, int] = {}
+        for kind, sid, name in self.events[start:end]:
             if kind == ALLOC:
                 renamed[sid] = len(self.storages)
                 self.storages.append(replace(self.storages[sid]))
             self.events.append((kind, renamed.get(sid, sid), name))
+        return renamed
 
     def set_role(self, sid: int, role: str) -> None:
         """Give a storage its final role (a storage's role is what it turns out to be, e.g. a gradient)."""

@@ -20,17 +20,13 @@ import torch
 from memlint import compute
 from memlint.blocks import checkpointing, top_level_blocks
 from memlint.distributed import UnitMarkers, apply_strategy, plan_strategy
-from memlint.simulate import FIRST_REPEATABLE
 from memlint.targets import Target
 
 
 class ScalePlan:
-    def __init__(self, model: torch.nn.Module, workload: Any, target: Target,
-                 plan: Callable[[int], Any] | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, workload: Any, target: Target) -> None:
         self.model = model
         self.target = target
-        self.workload = workload
-        self.plan = plan  # the estimator's StepPlan factory: how many steps a simulation runs
         self.checkpoint_layers = bool(getattr(workload, "checkpoint_layers", False))
         self.epoch_size = getattr(workload, "epoch_size", None)
         self.blocks = top_level_blocks(model)
@@ -48,15 +44,8 @@ class ScalePlan:
         return result
 
     def step_counter(self) -> compute.StepCounter:
-        """Counts the last step of the simulation it is passed to.
-
-        It counts every step from the first one the simulation may repeat instead of running
-        (memlint/simulate.py), each replacing the last's counts: the last step run is then counted.
-        """
-        count_from = 1
-        if self.plan is not None and getattr(self.workload, "mode", "train") == "train":
-            count_from = min(self.plan(self.workload.batch_size).iterations, FIRST_REPEATABLE)
-        return compute.StepCounter(self.model, self.target, self.blocks, count_from)
+        """Counts the last step of the simulation it is passed to (each step replaces the last's counts)."""
+        return compute.StepCounter(self.model, self.target, self.blocks)
 
     def annotate(self, report: Any, counter: compute.StepCounter, result: Any) -> None:
         devices = self.strategy.devices if self.strategy else 1

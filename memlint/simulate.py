@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from memlint.autocast import CudaAutocastMode
-from memlint.ledger import Ledger, StorageInfo
+from memlint.ledger import FREE, Ledger, StorageInfo
 from memlint.onednn import lstm_workspace_bytes
 from memlint.recompute import modes_survive_recomputation
 from memlint.values import ValueKnowledge
@@ -245,6 +245,12 @@ class StorageTracker:
         weakref.finalize(storage, self._release, key, sid)
         return sid
 
+    def adopt(self, tensor: torch.Tensor, sid: int) -> None:
+        """Give a new storage an id whose allocation the ledger has already recorded (a copied event's)."""
+        storage = tensor.untyped_storage()
+        self.sid_of[storage._cdata] = sid
+        weakref.finalize(storage, self._release, storage._cdata, sid)
+
     def _release(self, key: int, sid: int) -> None:
         if self.sid_of.get(key) == sid:
             del self.sid_of[key]
@@ -317,6 +323,7 @@ class ValueAssumingMode(TorchDispatchMode):
         self._last_site: tuple[int, str, int] | None = None
         self._repeats = 0
         self._waiting_lines: set[tuple[str, int]] = set()  # lines that asked LOOP_LIMIT times in a row
+        self.loops_cut = 0  # how many lines have been answered False so (the run is no longer uniform)
         self._assumed_an_int = False
         self.knowledge = ValueKnowledge()
 
@@ -448,6 +455,7 @@ class ValueAssumingMode(TorchDispatchMode):
             return self.bool_answer
         if site is not None:
             self._waiting_lines.add(site[1:])
+            self.loops_cut += 1
             self.note(f"{site[1]}:{site[2]} asked for the same value {LOOP_LIMIT} times in a row (a loop waiting "
                       "on a value): answered False from then on, there")
         return False
@@ -480,6 +488,16 @@ class AllocationRecorder(ValueAssumingMode):
         super().__init__(assumptions, bool_answer=bool_answer, kernels=kernels)
         self.tracker = tracker
         self.kernel_scratch = kernel_scratch
+        self.recording = True
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ops that make tensors the ledger already accounts for (``StorageTracker.adopt``)."""
+        self.recording = False
+        try:
+            yield
+        finally:
+            self.recording = True
 
     def note(self, text: str) -> None:
         # The optimizer reads its step counters with .item(); that value does not shape memory.
@@ -487,6 +505,8 @@ class AllocationRecorder(ValueAssumingMode):
             super().note(text)
 
     def record(self, func: Any, args: tuple, out: Any) -> None:
+        if not self.recording:
+            return
         ledger = self.tracker.ledger
         ledger.mark_op(func.__name__, self.tracker.phase)
         for value in tree_flatten(out)[0]:
@@ -539,9 +559,9 @@ class StepPlan:
     bool_answer: bool = True  # what a bool read from a fake tensor is assumed to be (ValueAssumingMode)
 
 
-# Iteration 1 creates the optimizer state, so it is always simulated; from this one on, an iteration
-# that leaves the state as it found it is repeated rather than simulated again (see simulate_step).
-FIRST_REPEATABLE = 2
+# Iteration 1 is always simulated; from this one on, an iteration may be copied from the one before
+# (see simulate_step).
+FIRST_COPIED = 2
 
 
 @dataclass
@@ -553,14 +573,46 @@ class SimulationResult:
     output: Any = None
 
 
+# A gradient as the optimizer step finds it: its parameter, its storage id, size, strides, offset and dtype.
+Gradient = tuple[torch.nn.Parameter, int, torch.Size, tuple[int, ...], int, torch.dtype]
+
+
+@dataclass
+class _Iteration:
+    """Where an iteration's records begin, what it found, and what its optimizer step found."""
+
+    start: int  # its first event
+    first_sid: int  # the first storage id it allocated
+    state: dict[int, StorageInfo]  # the live storages it began with
+    notes: dict[str, int]  # the assumptions noted before it
+    loops_cut: int  # ValueAssumingMode.loops_cut before it
+    step_mark: int | None = None  # its STEP_BEGINS event
+    first_step_sid: int = 0  # the first storage id its optimizer step allocated
+    gradients: list[Gradient] | None = None  # None: the step is not repeatable on copied gradients
+
+    def noted(self, assumptions: Assumptions) -> dict[str, int]:
+        """The assumptions noted since it began."""
+        return {note: count - self.notes.get(note, 0) for note, count in assumptions.notes.items()}
+
+
 def simulate_step(model: torch.nn.Module, plan: StepPlan, fake_mode: Any,
                   extra_modes: tuple[Any, ...] = ()) -> SimulationResult:
     """Run ``plan.iterations`` steps on fake tensors under an AllocationRecorder.
 
-    An iteration (from ``FIRST_REPEATABLE`` on) that ends with exactly the storages it began
-    with, none of them changed, hands the next one the same state: the next records the same
-    allocations and frees under new ids, so the rest are copied instead of simulated. Extra
-    modes that record against the ledger (``attach``) copy their records too (``repeat_iteration``).
+    From ``FIRST_COPIED`` on, an iteration is copied from the one before instead of simulated
+    where that one shows how:
+
+    * the one before ended with exactly the storages it began with, none of them changed: it
+      hands the next one the same state, so the next records the same allocations and frees
+      under new ids, and so do the rest;
+    * it ended with them and the state its optimizer step made (Adam's, in the first): the next
+      one's forward and backward find what this one's found, and are copied; its optimizer step
+      is simulated, on gradients made as this one's step found them.
+
+    Neither where the one before cut a loop waiting on a value (its answers changed on the way).
+    Extra modes that record against the ledger (``attach``) copy their records too
+    (``repeat_iteration``); a ``StepCounter`` counts the simulated optimizer step in place of
+    the one before's.
     """
     ledger = Ledger()
     tracker = StorageTracker(ledger)
@@ -592,43 +644,141 @@ def simulate_step(model: torch.nn.Module, plan: StepPlan, fake_mode: Any,
     with fake_mode, contextlib.ExitStack() as stack:
         for mode in extra_modes:
             stack.enter_context(mode)
-        stack.enter_context(AllocationRecorder(tracker, assumptions, plan.kernel_scratch, plan.bool_answer,
-                                               plan.kernels))
+        recorder = stack.enter_context(AllocationRecorder(tracker, assumptions, plan.kernel_scratch,
+                                                          plan.bool_answer, plan.kernels))
         stack.enter_context(module_scope(tracker, model))
         stack.enter_context(modes_survive_recomputation())
         optimizer = plan.optimizer_factory(params) if plan.mode == "train" and plan.optimizer_factory else None
         model.train(plan.mode == "train")
         iterations = plan.iterations if plan.mode == "train" else 1
-        for number in range(1, iterations + 1):
-            state, notes = tracker.live_state(), dict(assumptions.notes)
+        last: _Iteration | None = None
+        number = 1
+        while number <= iterations:
+            if last is not None and number >= FIRST_COPIED and recorder.loops_cut == last.loops_cut:
+                now = tracker.live_state()
+                if now == last.state:
+                    _repeat_last_iteration(ledger, assumptions, last, extra_modes, iterations - number + 1)
+                    break
+                if _only_the_step_kept_storages(last, now):
+                    last = _copy_forward_backward(last, ledger, tracker, recorder, optimizer, assumptions, extra_modes)
+                    number += 1
+                    continue
+            last = _Iteration(len(ledger.events), len(ledger.storages), tracker.live_state(),
+                              dict(assumptions.notes), recorder.loops_cut)
             ledger.mark_iteration()
             activation_by_module.clear()  # report what one step saves: the last one's
-            output = _one_iteration(model, plan, tracker, optimizer, pack)
-            if FIRST_REPEATABLE <= number < iterations and tracker.live_state() == state:
-                _repeat_last_iteration(ledger, assumptions, notes, extra_modes, iterations - number)
-                break
+            output = _one_iteration(model, plan, tracker, optimizer, pack, _step_begins(last, tracker, optimizer,
+                                                                                       extra_modes))
+            number += 1
         for hook in grad_hooks:
             hook.remove()
     return SimulationResult(ledger, assumptions.render(), activation_by_module,
                             {sid: name for sid, name in _param_sids(tracker, model)}, output)
 
 
-def _repeat_last_iteration(ledger: Ledger, assumptions: Assumptions, notes_before: dict[str, int],
+def _step_begins(iteration: _Iteration, tracker: StorageTracker, optimizer: torch.optim.Optimizer | None,
+                 extra_modes: tuple[Any, ...]) -> Callable[[], None]:
+    """What to keep when the iteration's optimizer step begins, for copying the next iteration."""
+    def keep() -> None:
+        iteration.step_mark, iteration.first_step_sid = len(tracker.ledger.events), len(tracker.ledger.storages)
+        iteration.gradients = _gradients(tracker, optimizer) if optimizer is not None else None
+        for mode in extra_modes:
+            if hasattr(mode, "step_begins"):
+                mode.step_begins()
+    return keep
+
+
+def _gradients(tracker: StorageTracker, optimizer: torch.optim.Optimizer) -> list[Gradient] | None:
+    """The optimizer's gradients (views of one storage where cuDNN's RNN backward made them so); None
+    where one is sparse, or a storage holds two dtypes."""
+    found: list[Gradient] = []
+    dtypes: dict[int, torch.dtype] = {}
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            grad = parameter.grad
+            if grad is None:
+                continue
+            sid = tracker.sid(grad) if grad.layout == torch.strided else None
+            if sid is None or dtypes.setdefault(sid, grad.dtype) != grad.dtype:
+                return None
+            found.append((parameter, sid, grad.shape, grad.stride(), grad.storage_offset(), grad.dtype))
+    return found
+
+
+def _only_the_step_kept_storages(last: _Iteration, now: dict[int, StorageInfo]) -> bool:
+    """Whether ``last`` ended with the storages it began with, unchanged, and what its optimizer step made."""
+    return (last.gradients is not None and all(now.get(sid) == info for sid, info in last.state.items())
+            and all(sid in last.state or sid >= last.first_step_sid for sid in now))
+
+
+def _repeat_last_iteration(ledger: Ledger, assumptions: Assumptions, last: _Iteration,
                            extra_modes: tuple[Any, ...], times: int) -> None:
     """Record the last iteration ``times`` more, with the assumptions it noted and the extra modes' records."""
-    noted = {note: count - notes_before.get(note, 0) for note, count in assumptions.notes.items()}
+    noted = last.noted(assumptions)
     for _ in range(times):
         shift = len(ledger.events) - ledger.iteration_marks[-1]
         ledger.repeat_last_iteration()
-        for mode in extra_modes:
-            if hasattr(mode, "attach"):
-                mode.repeat_iteration(shift)
+        _extra_modes_repeat(extra_modes, shift)
         for note, count in noted.items():
             assumptions.notes[note] += count
 
 
+def _extra_modes_repeat(extra_modes: tuple[Any, ...], shift: int) -> None:
+    for mode in extra_modes:
+        if hasattr(mode, "attach"):
+            mode.repeat_iteration(shift)
+
+
+def _copy_forward_backward(last: _Iteration, ledger: Ledger, tracker: StorageTracker, recorder: AllocationRecorder,
+                           optimizer: torch.optim.Optimizer, assumptions: Assumptions,
+                           extra_modes: tuple[Any, ...]) -> _Iteration:
+    """The next iteration: ``last``'s events up to its optimizer step copied, the step simulated.
+
+    The storages that ``last`` allocated before its step and freed after it, other than the
+    gradients (the batch, freed when the iteration returns), are freed after the copy's step in
+    the order ``last`` freed them.
+    """
+    assert last.gradients is not None and last.step_mark is not None
+    noted = last.noted(assumptions)
+    copy = _Iteration(len(ledger.events), len(ledger.storages), tracker.live_state(), dict(assumptions.notes),
+                      recorder.loops_cut)
+    gradient_sids = {sid for _, sid, *_ in last.gradients}
+    freed_after_step = [sid for kind, sid, _ in ledger.events[last.step_mark:]
+                        if kind == FREE and last.first_sid <= sid < last.first_step_sid and sid not in gradient_sids]
+    ledger.mark_iteration()
+    renamed = ledger.repeat_events(last.start, last.step_mark + 1)  # through the STEP_BEGINS mark
+    _extra_modes_repeat(extra_modes, copy.start - last.start)
+    for note, count in noted.items():
+        assumptions.notes[note] += count
+    copy.step_mark, copy.first_step_sid = len(ledger.events) - 1, len(ledger.storages)
+    copy.gradients = [(parameter, renamed[sid], *layout) for parameter, sid, *layout in last.gradients]
+    with recorder.paused():
+        _give_gradients(tracker, copy.gradients)
+    for mode in extra_modes:
+        if hasattr(mode, "count_step_again"):
+            mode.count_step_again()
+    tracker.phase = "optimizer"
+    _optimizer_step(tracker, optimizer)
+    for sid in freed_after_step:
+        ledger.free(renamed[sid])
+    tracker.phase = "idle"
+    return copy
+
+
+def _give_gradients(tracker: StorageTracker, gradients: list[Gradient]) -> None:
+    """Each parameter its gradient again, made as the optimizer step found it, under its copied id."""
+    storages: dict[int, torch.Tensor] = {}
+    for parameter, sid, size, stride, offset, dtype in gradients:
+        storage = storages.get(sid)
+        if storage is None:
+            storage = storages[sid] = torch.empty(tracker.ledger.storages[sid].nbytes // dtype.itemsize, dtype=dtype,
+                                                  device=parameter.device)
+            tracker.adopt(storage, sid)
+        parameter.grad = storage.as_strided(size, stride, offset)
+
+
 def _one_iteration(model: torch.nn.Module, plan: StepPlan, tracker: StorageTracker,
-                   optimizer: torch.optim.Optimizer | None, pack: Callable) -> Any:
+                   optimizer: torch.optim.Optimizer | None, pack: Callable, step_begins: Callable[[], None]) -> Any:
     tracker.phase = "inputs"
     args, kwargs = plan.make_inputs()
     _tag_inputs(tracker, args, kwargs)  # in a function: a loop variable here would keep the last input alive
@@ -648,18 +798,24 @@ def _one_iteration(model: torch.nn.Module, plan: StepPlan, tracker: StorageTrack
     loss.backward()
     del loss
     tracker.phase = "optimizer"
-    tracker.ledger.mark_step()
     if optimizer is not None and (plan.optimizer_step or _sparse_gradients(optimizer)):
-        optimizer.step()
-        for state in optimizer.state.values():
-            for value in state.values():
-                if isinstance(value, torch.Tensor):
-                    tracker.retag(value, "optimizer_state", only_from=("temporaries", "gradients"))
-        optimizer.zero_grad(set_to_none=True)
+        step_begins()
+        tracker.ledger.mark_step()
+        _optimizer_step(tracker, optimizer)
     else:
+        tracker.ledger.mark_step()
         model.zero_grad(set_to_none=True)
     tracker.phase = "idle"
     return None
+
+
+def _optimizer_step(tracker: StorageTracker, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.step()
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                tracker.retag(value, "optimizer_state", only_from=("temporaries", "gradients"))
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _sparse_gradients(optimizer: torch.optim.Optimizer) -> bool:

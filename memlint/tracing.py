@@ -1,9 +1,14 @@
 """Trace the model's forward into a torch.fx graph whose nodes carry module, op, shapes and dtypes.
 
 ``torch.fx.symbolic_trace`` first (module-level nodes, readable); where it cannot follow the
-model (data-dependent control flow, as in most transformers models) ``make_fx`` over the fake
-tensors, which records aten ops with their ``nn_module_stack``. Either way shapes come from
-running the graph on fake tensors, never real data.
+model (data-dependent control flow, as in most transformers models) the aten ops of one forward
+on the fake tensors, each with the module running it (``ATEN_OPS``). Either way shapes come from
+fake tensors, never real data.
+
+The aten ops are recorded by a dispatch mode, not by ``make_fx``: make_fx builds an fx graph
+(proxies for every tensor) that nothing here reads, and in torch 2.13 its ``nn_module_stack`` comes
+out empty for a model's own submodules, so no node had a module. The mode takes a quarter of
+make_fx's time (BERT-base: 0.12 s -> 0.03 s at batch 2) and names the module of every op.
 """
 from __future__ import annotations
 
@@ -12,14 +17,15 @@ from typing import Any, Callable
 
 import torch
 import torch.fx
-from torch.fx.experimental.proxy_tensor import make_fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from memlint.report import GraphNode
 
 CONV_OPS = {torch.ops.aten.convolution.default}
 FUNCTIONAL_CONVS = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d}
+ATEN_OPS = "aten ops"  # the tracer's name where symbolic_trace fails
 FACTORY_OPS = {"empty", "zeros", "ones", "full", "arange", "linspace", "rand", "randn", "randint", "eye", "tensor",
                "scalar_tensor", "empty_strided"}
 
@@ -30,19 +36,6 @@ class TraceResult:
     nodes: list[GraphNode]
     module_outputs: dict[str, list[list[int]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-def tensor_leaves(value: Any) -> list[torch.Tensor]:
-    """Tensors inside any output: tuples, dicts, dataclass-like ``ModelOutput`` objects."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        items = list(value.values())
-    elif isinstance(value, (list, tuple)):
-        items = list(value)
-    else:
-        return []
-    return [leaf for item in items for leaf in tensor_leaves(item)]
 
 
 def _shapes(value: Any) -> tuple[list[list[int]], list[str]]:
@@ -56,7 +49,7 @@ def _shapes(value: Any) -> tuple[list[list[int]], list[str]]:
 
 def trace_model(model: torch.nn.Module, make_inputs: Callable[[], tuple[tuple, dict]], fake_mode: Any,
                 sites: dict[str, str], scalar_mode: Any) -> TraceResult:
-    """Trace with symbolic_trace, falling back to make_fx; ``scalar_mode`` answers ``.item()``.
+    """Trace with symbolic_trace, falling back to the forward's aten ops; ``scalar_mode`` answers ``.item()``.
 
     In eval mode: a forward in training mode changes a model's state (I-BERT's quantisers replace
     their min/max buffers), and the simulated step must find the model as the user built it.
@@ -69,12 +62,12 @@ def trace_model(model: torch.nn.Module, make_inputs: Callable[[], tuple[tuple, d
     except Exception as exc:  # symbolic_trace refuses much real-world code; that is expected
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
     try:
-        result = _make_fx(model, args, kwargs, fake_mode, sites, scalar_mode)
+        result = _aten_ops(model, args, kwargs, fake_mode, sites, scalar_mode)
     except Exception as exc:  # the estimate does not need the graph: go on without it, and say so
         failure = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
-        return TraceResult("none", [], notes=[f"the model could not be traced ({reason}; make_fx: {failure}); "
+        return TraceResult("none", [], notes=[f"the model could not be traced ({reason}; its aten ops: {failure}); "
                                               "the estimate is unaffected, graph-based rules were skipped"])
-    result.notes.append(f"torch.fx.symbolic_trace could not trace the model ({reason}); used make_fx")
+    result.notes.append(f"torch.fx.symbolic_trace could not trace the model ({reason}); recorded its aten ops")
     return result
 
 
@@ -103,43 +96,69 @@ def _symbolic(model: torch.nn.Module, args: tuple, kwargs: dict, fake_mode: Any,
     return TraceResult("torch.fx.symbolic_trace", nodes, outputs)
 
 
-def _make_fx(model: torch.nn.Module, args: tuple, kwargs: dict, fake_mode: Any, sites: dict[str, str],
-             scalar_mode: Any) -> TraceResult:
-    def forward(*flat_args: Any) -> list[torch.Tensor]:
-        # Only tensors can be graph outputs; caches and other objects in the output are dropped.
-        output = model(*flat_args[: len(args)], **dict(zip(kwargs, flat_args[len(args):])))
-        return tensor_leaves(output)
-
-    with fake_mode, scalar_mode, torch.no_grad():
-        graph_module = make_fx(forward, tracing_mode="real", record_module_stack=True,
-                               _error_on_data_dependent_ops=False)(*args, *kwargs.values())
-    modules = dict(model.named_modules())
-    nodes: list[GraphNode] = []
-    outputs: dict[str, list[list[int]]] = {}
-    for node in graph_module.graph.nodes:
-        if node.op != "call_function":
-            continue
-        shapes, dtypes = _shapes(node.meta.get("val"))
-        stack = node.meta.get("nn_module_stack") or {}
-        module_name = _module_path(list(stack.values())[-1][0]) if stack else None
-        module = modules.get(module_name) if module_name is not None else None
-        attributes = _function_attributes(node)
-        if module_name is not None and shapes:
-            outputs[module_name] = shapes  # last op of the module is its output
-        nodes.append(GraphNode(op="call_function", target=_target_name(node), module=module_name,
-                               module_type=type(module).__name__ if module is not None else None,
-                               output_shapes=shapes, output_dtypes=dtypes, attributes=attributes,
-                               source=sites.get(module_name) if module_name is not None else None))
-    return TraceResult("make_fx", nodes, outputs)
+def _aten_ops(model: torch.nn.Module, args: tuple, kwargs: dict, fake_mode: Any, sites: dict[str, str],
+              scalar_mode: Any) -> TraceResult:
+    recorder = _AtenOpRecorder(model, sites)
+    enter = torch.nn.modules.module.register_module_forward_pre_hook(recorder.enter)
+    leave = torch.nn.modules.module.register_module_forward_hook(recorder.leave, always_call=True)
+    try:
+        with fake_mode, scalar_mode, torch.no_grad(), recorder:
+            model(*args, **kwargs)
+    finally:
+        enter.remove()
+        leave.remove()
+    return TraceResult(ATEN_OPS, recorder.nodes, recorder.module_outputs)
 
 
-def _module_path(stack_key: str) -> str:
-    """``L['self'].features[0]`` / ``L__self___features_0`` styles to ``features.0``."""
-    text = stack_key
-    for prefix in ("L['self'].", "L['self']", "self."):
-        if text.startswith(prefix):
-            text = text[len(prefix):]
-    return text.replace("[", ".").replace("]", "").replace("'", "").strip(".")
+class _AtenOpRecorder(TorchDispatchMode):
+    """A node per aten op the forward runs, with the module running it (its last op's outputs are the module's)."""
+
+    def __init__(self, model: torch.nn.Module, sites: dict[str, str]) -> None:
+        super().__init__()
+        self.names = {module: name for name, module in model.named_modules(remove_duplicate=False) if name}
+        self.sites = sites
+        self.running: list[torch.nn.Module] = []
+        self.nodes: list[GraphNode] = []
+        self.module_outputs: dict[str, list[list[int]]] = {}
+
+    def enter(self, module: torch.nn.Module, _args: Any) -> None:
+        if module in self.names:
+            self.running.append(module)
+
+    def leave(self, module: torch.nn.Module, _args: Any, _output: Any) -> None:
+        if module in self.names and self.running:
+            self.running.pop()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.namespace == "prim":  # metadata queries (prim::device): no op runs
+            return out
+        shapes, dtypes = _shapes(out)
+        module = self.running[-1] if self.running else None
+        name = self.names[module] if module is not None else None
+        if name is not None and shapes:
+            self.module_outputs[name] = shapes
+        self.nodes.append(GraphNode(op="call_function", target=func.__name__, module=name,
+                                    module_type=type(module).__name__ if module is not None else None,
+                                    output_shapes=shapes, output_dtypes=dtypes, attributes=_op_attributes(func, args, kwargs),
+                                    source=self.sites.get(name) if name is not None else None))
+        return out
+
+
+def _op_attributes(func: Any, args: tuple, kwargs: dict) -> dict[str, Any]:
+    if func in CONV_OPS:
+        data, weight, _, stride, padding, dilation, transposed, _, groups = args
+        return {"kind": "conv", "input_shape": [int(d) for d in data.shape],
+                "weight_shape": [int(d) for d in weight.shape], "stride": list(stride), "padding": list(padding),
+                "dilation": list(dilation), "groups": int(groups), "transposed": bool(transposed),
+                "dtype": str(weight.dtype).removeprefix("torch.")}
+    return _factory_attributes(func.__name__, kwargs)
+
+
+def _factory_attributes(name: str, kwargs: dict) -> dict[str, Any]:
+    """A tensor made from nothing: whether its device was given."""
+    return {"kind": "factory", "device_given": "device" in kwargs} if name.split(".")[0] in FACTORY_OPS else {}
 
 
 def _target_name(node: torch.fx.Node) -> str:
@@ -170,7 +189,7 @@ def _padding(padding: Any) -> Any:
 
 def _functional_conv_attributes(node: torch.fx.Node) -> dict[str, Any]:
     """``F.conv1d/2d/3d(input, weight, bias, stride, padding, dilation, groups)`` called directly in a
-    symbolically traced forward (an aten ``convolution`` under make_fx is handled below)."""
+    symbolically traced forward (an aten ``convolution`` among a forward's aten ops: ``_op_attributes``)."""
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     values = {**dict(zip(names, node.args)), **node.kwargs}
     weight = values.get("weight")
@@ -198,13 +217,4 @@ def _function_attributes(node: torch.fx.Node) -> dict[str, Any]:
             return _functional_conv_attributes(node)
         except (TypeError, ValueError):  # symbolic sizes or odd arguments: no attributes, as before
             return {}
-    if target in CONV_OPS:
-        _, weight, _, stride, padding, dilation, transposed, _, groups = node.args
-        return {"kind": "conv", "input_shape": _input_shape(node),
-                "weight_shape": [int(d) for d in weight.meta["val"].shape], "stride": list(stride),
-                "padding": list(padding), "dilation": list(dilation), "groups": int(groups),
-                "transposed": bool(transposed), "dtype": str(weight.meta["val"].dtype).removeprefix("torch.")}
-    name = _target_name(node).split(".")[0]
-    if name in FACTORY_OPS:
-        return {"kind": "factory", "device_given": "device" in node.kwargs}
-    return {}
+    return _factory_attributes(_target_name(node), node.kwargs)

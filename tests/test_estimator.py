@@ -140,7 +140,7 @@ def test_data_dependent_ops_are_assumed_and_reported():
     assert report.peak_allocated_bytes > 0
     assert any(".item()" in note for note in report.assumptions)
     assert any("nonzero" in note for note in report.assumptions)
-    assert report.tracer == "make_fx"
+    assert report.tracer == "aten ops"
 
 
 class Checkpointed(nn.Module):
@@ -167,13 +167,16 @@ def test_activation_checkpointing_is_modelled():
     assert saved.peak_allocated_bytes < 0.7 * plain.peak_allocated_bytes
 
 
-def test_gpt2_from_config_uses_gpu_attention_and_make_fx():
+def test_gpt2_from_config_uses_gpu_attention_and_its_aten_ops():
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=2, n_embd=128, n_head=4, n_positions=256, vocab_size=1000)
     report = analyse(workload(lambda: transformers.GPT2LMHeadModel(config), batch=4,
                               inputs=lambda b: torch.randint(0, 1000, (b, 256))),
                      resolve_target("h100-80gb"), 0.8, find_max_batch=False)
-    assert report.tracer == "make_fx"
+    assert report.tracer == "aten ops"
+    # Each op is the module's that runs it: the layers' output shapes come from the trace.
+    shapes = {layer.name: layer.output_shape for layer in report.layers}
+    assert shapes["transformer.h.0"] == [[4, 256, 128]] and shapes["lm_head"] == [[4, 256, 1000]]
     # The L x L attention matrix (4 x 4 heads x 256 x 256 x 4 B = 4 MiB per layer) is never saved:
     # the GPU kernel keeps only the log-sum-exp.
     attention_matrix = 4 * 4 * 256 * 256 * 4
@@ -286,28 +289,73 @@ class NormalisedDataDependent(DataDependent):
         return self.norm(super().forward(x))
 
 
-@pytest.mark.parametrize("strategy", ["none", "fsdp"])
-def test_a_repeated_iteration_records_what_simulating_it_would(monkeypatch, strategy):
-    """An iteration that leaves the state as it found it is copied, not simulated (memlint/simulate.py):
-    the ledger, the strategy's unit marks, the FLOP counts and the assumptions must equal a full simulation's."""
+class CachesOnFirstForward(nn.Module):
+    """Keeps a table its first forward makes (as a position cache is built): the second forward finds more."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64))
+        self.table: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.table is None:
+            self.table = torch.ones(4096, 64)
+        return self.body(x) + self.table[: x.shape[0]]
+
+
+def checkpointed_normalised() -> nn.Module:
+    return nn.Sequential(NormalisedDataDependent(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+
+
+@pytest.mark.parametrize("build, shape, optimizer, strategy, checkpoint, copies", [
+    (NormalisedDataDependent, (64,), "adam", "none", False, "forward and backward"),
+    (NormalisedDataDependent, (64,), "adam", "fsdp", False, "forward and backward"),
+    (checkpointed_normalised, (64,), "sgd-momentum", "zero2", True, "forward and backward"),
+    # cuDNN's LSTM backward makes the weights' gradients views of one storage
+    (lambda: Lstm(layers=2), (12, 16), "adamw", "none", False, "forward and backward"),
+    (NormalisedDataDependent, (64,), "sgd", "none", False, "whole iterations"),  # SGD keeps no state
+    (CachesOnFirstForward, (64,), "adam", "none", False, "from the third iteration"),
+])
+def test_a_copied_iteration_records_what_simulating_it_would(monkeypatch, build, shape, optimizer, strategy,
+                                                             checkpoint, copies):
+    """An iteration is copied, whole or up to its optimizer step, where the one before shows how
+    (memlint/simulate.py): the ledger, the strategy's unit marks, the FLOP counts and the assumptions
+    must equal a full simulation's. The copies are counted, so that each case takes the path it names."""
     import memlint.simulate
 
-    estimator = Estimator(Workload(name="model", path="model.py", line=1, build=NormalisedDataDependent,
-                                   example_inputs=None, loss_fn=None, build_optimizer=None, batch_size=8,
-                                   input_shape=(64,), input_dtype="float32", optimizer="adam", precision="fp32",
-                                   mode="train", strategy=strategy, devices=2), resolve_target("h100-80gb"), 1.0)
+    estimator = Estimator(Workload(name="model", path="model.py", line=1, build=build, example_inputs=None,
+                                   loss_fn=None, build_optimizer=None, batch_size=8, input_shape=shape,
+                                   input_dtype="float32", optimizer=optimizer, precision="fp32", mode="train",
+                                   strategy=strategy, devices=2, checkpoint_layers=checkpoint),
+                          resolve_target("h100-80gb"), 1.0)
     estimator.simulate(8)  # the first simulation of a fake mode records a few more metadata ops (a cold cache)
+    made = {"forward and backward": 0, "whole iterations": 0}
+
+    def counted(name, function):
+        def call(*args, **kwargs):
+            made[name] += 1
+            return function(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(memlint.simulate, "_copy_forward_backward",
+                        counted("forward and backward", memlint.simulate._copy_forward_backward))
+    monkeypatch.setattr(memlint.simulate, "_repeat_last_iteration",
+                        counted("whole iterations", memlint.simulate._repeat_last_iteration))
+    iterations = estimator.plan(8).iterations
 
     def simulate() -> tuple:
         counter = estimator.scale.step_counter()
         result = estimator.simulate(8, (counter,))
         return (result.ledger.events, result.ledger.storages, result.ledger.iteration_marks, result.assumptions,
                 result.activation_bytes_by_module, counter.total_flops, counter.total_bytes, counter.forward,
-                counter.backward, counter.moved)
+                counter.backward, counter.moved, counter.seconds)
 
-    repeated = simulate()
-    monkeypatch.setattr(memlint.simulate, "FIRST_REPEATABLE", estimator.plan(8).iterations + 1)
-    assert len(repeated[2]) == 3 and repeated == simulate()
+    copied = simulate()
+    assert made == {"forward and backward": int(copies == "forward and backward"), "whole iterations": 1}
+    assert len(copied[2]) == iterations == 3
+    monkeypatch.setattr(memlint.simulate, "FIRST_COPIED", iterations + 1)
+    assert copied == simulate()
+    assert made == {"forward and backward": int(copies == "forward and backward"), "whole iterations": 1}
 
 
 @pytest.mark.parametrize("batch, answer_simulated", [(8, False), (2000, True), (6000, True)])
