@@ -181,6 +181,25 @@ class Smooth(nn.Module):
 def example_inputs(batch_size):
     return torch.randn(batch_size, 32, 128, 128)
 """,
+        # a branch on a tensor's value: symbolic_trace cannot follow it, and the forward's aten ops
+        # are recorded, the convolution with the module that runs it
+        """# memlint check --target cpu:16GiB --batch-size 8 --mode infer
+import torch
+from torch import nn
+
+class Gated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blur = nn.Conv2d(32, 32, 31, padding=15)
+
+    def forward(self, x):
+        if x.mean() > 0:
+            x = x.relu()
+        return self.blur(x)
+
+def example_inputs(batch_size):
+    return torch.randn(batch_size, 32, 128, 128)
+""",
     )
 
     def check(self, ctx: RuleContext) -> Iterable[Diagnostic]:

@@ -149,3 +149,11 @@ def test_perf001_message_has_speedup_and_memory(examples_root: str) -> None:
 def test_perf001_reads_functional_convolutions(examples_root: str) -> None:
     [finding] = [d for d in findings("perf001_invalid_2.py", examples_root) if d["code"] == "PERF001"]
     assert "the conv2d call 1 of the forward (32->32 channels, 25x25 kernel on 128x128 planes" in finding["message"]
+
+
+def test_perf001_names_the_module_of_a_recorded_aten_convolution(examples_root: str) -> None:
+    """A model symbolic_trace cannot follow is traced by its aten ops, each with its module: the finding
+    names the Conv2d and points at the line that builds it (make_fx's ops had no module)."""
+    [finding] = [d for d in findings("perf001_invalid_3.py", examples_root) if d["code"] == "PERF001"]
+    assert finding["line"] == 8
+    assert finding["message"].startswith("Conv2d blur (32->32 channels, 31x31 kernel on 128x128 planes, batch 8)")
