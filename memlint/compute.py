@@ -196,7 +196,7 @@ def _onednn_rnn_backward_flops(input: torch.Tensor, weight_ih: torch.Tensor, wei
 
 
 class _StepModuleTracker(ModuleTracker):
-    """FlopCounterMode's ModuleTracker, told when a step starts, idle in steps that are not counted,
+    """FlopCounterMode's ModuleTracker, told when a step starts, idle before the first one,
     and neutral to the memory the simulation records.
 
     ModuleTracker hooks every module's inputs and outputs for backward in "all" mode, which holds
