@@ -518,18 +518,20 @@ class AllocationRecorder(ValueAssumingMode):
 
 
 @contextlib.contextmanager
-def module_scope(tracker: StorageTracker, model: torch.nn.Module) -> Iterator[None]:
-    """Keep ``tracker.module_stack`` equal to the modules whose forward is running."""
-    names = {module: name or "(model)" for name, module in model.named_modules(remove_duplicate=False)}
+def module_scope(stack: list[str], model: torch.nn.Module, root_name: str | None = "(model)") -> Iterator[None]:
+    """Keep ``stack`` equal to the names of the modules whose forward is running (the model's own
+    as ``root_name``; None: the model's own forward is not on it)."""
+    names = {module: name or root_name for name, module in model.named_modules(remove_duplicate=False)
+             if name or root_name}
 
     def enter(module: torch.nn.Module, _args: Any) -> None:
         name = names.get(module)
         if name is not None:
-            tracker.module_stack.append(name)
+            stack.append(name)
 
     def leave(module: torch.nn.Module, _args: Any, _output: Any) -> None:
-        if module in names and tracker.module_stack:
-            tracker.module_stack.pop()
+        if module in names and stack:
+            stack.pop()
 
     pre = torch.nn.modules.module.register_module_forward_pre_hook(enter)
     post = torch.nn.modules.module.register_module_forward_hook(leave, always_call=True)
@@ -646,7 +648,7 @@ def simulate_step(model: torch.nn.Module, plan: StepPlan, fake_mode: Any,
             stack.enter_context(mode)
         recorder = stack.enter_context(AllocationRecorder(tracker, assumptions, plan.kernel_scratch,
                                                           plan.bool_answer, plan.kernels))
-        stack.enter_context(module_scope(tracker, model))
+        stack.enter_context(module_scope(tracker.module_stack, model))
         stack.enter_context(modes_survive_recomputation())
         optimizer = plan.optimizer_factory(params) if plan.mode == "train" and plan.optimizer_factory else None
         model.train(plan.mode == "train")
@@ -654,17 +656,18 @@ def simulate_step(model: torch.nn.Module, plan: StepPlan, fake_mode: Any,
         last: _Iteration | None = None
         number = 1
         while number <= iterations:
+            now = tracker.live_state()
             if last is not None and number >= FIRST_COPIED and recorder.loops_cut == last.loops_cut:
-                now = tracker.live_state()
                 if now == last.state:
                     _repeat_last_iteration(ledger, assumptions, last, extra_modes, iterations - number + 1)
                     break
                 if _only_the_step_kept_storages(last, now):
-                    last = _copy_forward_backward(last, ledger, tracker, recorder, optimizer, assumptions, extra_modes)
+                    last = _copy_forward_backward(last, now, ledger, tracker, recorder, optimizer, assumptions,
+                                                  extra_modes)
                     number += 1
                     continue
-            last = _Iteration(len(ledger.events), len(ledger.storages), tracker.live_state(),
-                              dict(assumptions.notes), recorder.loops_cut)
+            last = _Iteration(len(ledger.events), len(ledger.storages), now, dict(assumptions.notes),
+                              recorder.loops_cut)
             ledger.mark_iteration()
             activation_by_module.clear()  # report what one step saves: the last one's
             output = _one_iteration(model, plan, tracker, optimizer, pack, _step_begins(last, tracker, optimizer,
@@ -729,10 +732,11 @@ def _extra_modes_repeat(extra_modes: tuple[Any, ...], shift: int) -> None:
             mode.repeat_iteration(shift)
 
 
-def _copy_forward_backward(last: _Iteration, ledger: Ledger, tracker: StorageTracker, recorder: AllocationRecorder,
-                           optimizer: torch.optim.Optimizer, assumptions: Assumptions,
+def _copy_forward_backward(last: _Iteration, state: dict[int, StorageInfo], ledger: Ledger, tracker: StorageTracker,
+                           recorder: AllocationRecorder, optimizer: torch.optim.Optimizer, assumptions: Assumptions,
                            extra_modes: tuple[Any, ...]) -> _Iteration:
-    """The next iteration: ``last``'s events up to its optimizer step copied, the step simulated.
+    """The next iteration, which begins with ``state``: ``last``'s events up to its optimizer step
+    copied, the step simulated.
 
     The storages that ``last`` allocated before its step and freed after it, other than the
     gradients (the batch, freed when the iteration returns), are freed after the copy's step in
@@ -740,8 +744,7 @@ def _copy_forward_backward(last: _Iteration, ledger: Ledger, tracker: StorageTra
     """
     assert last.gradients is not None and last.step_mark is not None
     noted = last.noted(assumptions)
-    copy = _Iteration(len(ledger.events), len(ledger.storages), tracker.live_state(), dict(assumptions.notes),
-                      recorder.loops_cut)
+    copy = _Iteration(len(ledger.events), len(ledger.storages), state, dict(assumptions.notes), recorder.loops_cut)
     gradient_sids = {sid for _, sid, *_ in last.gradients}
     freed_after_step = [sid for kind, sid, _ in ledger.events[last.step_mark:]
                         if kind == FREE and last.first_sid <= sid < last.first_step_sid and sid not in gradient_sids]

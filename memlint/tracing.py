@@ -22,6 +22,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from memlint.report import GraphNode
+from memlint.simulate import module_scope
 
 CONV_OPS = {torch.ops.aten.convolution.default}
 FUNCTIONAL_CONVS = {torch.nn.functional.conv1d, torch.nn.functional.conv2d, torch.nn.functional.conv3d}
@@ -99,14 +100,8 @@ def _symbolic(model: torch.nn.Module, args: tuple, kwargs: dict, fake_mode: Any,
 def _aten_ops(model: torch.nn.Module, args: tuple, kwargs: dict, fake_mode: Any, sites: dict[str, str],
               scalar_mode: Any) -> TraceResult:
     recorder = _AtenOpRecorder(model, sites)
-    enter = torch.nn.modules.module.register_module_forward_pre_hook(recorder.enter)
-    leave = torch.nn.modules.module.register_module_forward_hook(recorder.leave, always_call=True)
-    try:
-        with fake_mode, scalar_mode, torch.no_grad(), recorder:
-            model(*args, **kwargs)
-    finally:
-        enter.remove()
-        leave.remove()
+    with module_scope(recorder.running, model, root_name=None), fake_mode, scalar_mode, torch.no_grad(), recorder:
+        model(*args, **kwargs)
     return TraceResult(ATEN_OPS, recorder.nodes, recorder.module_outputs)
 
 
@@ -115,19 +110,11 @@ class _AtenOpRecorder(TorchDispatchMode):
 
     def __init__(self, model: torch.nn.Module, sites: dict[str, str]) -> None:
         super().__init__()
-        self.names = {module: name for name, module in model.named_modules(remove_duplicate=False) if name}
+        self.types = {name: type(module).__name__ for name, module in model.named_modules(remove_duplicate=False)}
         self.sites = sites
-        self.running: list[torch.nn.Module] = []
+        self.running: list[str] = []  # the submodules whose forward is running (module_scope)
         self.nodes: list[GraphNode] = []
         self.module_outputs: dict[str, list[list[int]]] = {}
-
-    def enter(self, module: torch.nn.Module, _args: Any) -> None:
-        if module in self.names:
-            self.running.append(module)
-
-    def leave(self, module: torch.nn.Module, _args: Any, _output: Any) -> None:
-        if module in self.names and self.running:
-            self.running.pop()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -135,13 +122,13 @@ class _AtenOpRecorder(TorchDispatchMode):
         if func.namespace == "prim":  # metadata queries (prim::device): no op runs
             return out
         shapes, dtypes = _shapes(out)
-        module = self.running[-1] if self.running else None
-        name = self.names[module] if module is not None else None
+        name = self.running[-1] if self.running else None
         if name is not None and shapes:
             self.module_outputs[name] = shapes
         self.nodes.append(GraphNode(op="call_function", target=func.__name__, module=name,
-                                    module_type=type(module).__name__ if module is not None else None,
-                                    output_shapes=shapes, output_dtypes=dtypes, attributes=_op_attributes(func, args, kwargs),
+                                    module_type=self.types[name] if name is not None else None,
+                                    output_shapes=shapes, output_dtypes=dtypes,
+                                    attributes=_op_attributes(func, args, kwargs),
                                     source=self.sites.get(name) if name is not None else None))
         return out
 
