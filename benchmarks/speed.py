@@ -11,6 +11,12 @@ intermediate 11008, vocabulary 32000) at batch 1, sequence 2048, each measured i
   largest process), with an empty cache;
 * the same command again, the model unchanged: what a pre-commit hook costs on a commit that does
   not touch the model (answered from ``memlint.cache``, without importing torch);
+* the same command, not answered from the cache, while a warm analysis server runs (``memlint
+  server start``, memlint.server): the analysis is forked from a process that has imported torch
+  already. Twice: the first check of a model teaches the server the installed modules it imports
+  (torchvision, transformers), which the server imports while idle; the second finds them imported,
+  as every later commit's would. Wall time only: the forked worker is the server's child, not the
+  command's;
 * memlint's analysis alone (``analyse()`` with the largest-batch search, and without it), timed
   after the imports, in a process that has imported torch and memlint already: the first analysis
   of the process, as a check runs it (its caches cold), then the same again (warm);
@@ -245,12 +251,12 @@ print(json.dumps({"code": code, "wall": time.perf_counter() - wall, "cpu": usage
 '''
 
 
-def measure(args: list[str], timeout: float = 1800) -> dict:
+def measure(args: list[str], timeout: float = 1800, environment: dict[str, str] | None = None) -> dict:
     """Run a child; its wall time, CPU time (it and its descendants) and the JSON it printed."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env={**os.environ,
-                                                                                       "PYTHONDONTWRITEBYTECODE": "1"})
+    done = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                          env={**(environment or os.environ), "PYTHONDONTWRITEBYTECODE": "1"})
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -301,6 +307,30 @@ def read_every_import(paths: list[Path]) -> None:
     subprocess.run([PYTHON, "-c", program, *map(str, paths)], check=True)
 
 
+def start_server() -> tuple[dict[str, str], float]:
+    """A warm analysis server in a private temporary folder: the environment that reaches it, its start's wall."""
+    environment = {**os.environ, "TMPDIR": tempfile.mkdtemp(prefix="mls-", dir="/tmp"), "MEMLINT_NO_CACHE": "1"}
+    environment.pop("MEMLINT_NO_SERVER", None)
+    start = time.perf_counter()
+    subprocess.run([PYTHON, "-m", "memlint", "server", "start", "--idle-timeout", "600"], check=True,
+                   env=environment, stdout=subprocess.DEVNULL)
+    return environment, time.perf_counter() - start
+
+
+def measure_served(command: list[str], environment: dict[str, str]) -> dict:
+    """A check through the server; fails unless the server forked its analysis."""
+    def analyses() -> int:
+        status = subprocess.run([PYTHON, "-m", "memlint", "server", "status"], capture_output=True, text=True,
+                                env=environment, check=True).stdout
+        return int(status.split(" analyses")[0].rsplit(" ", 1)[1])
+
+    before = analyses()
+    result = measure(command, environment=environment)
+    if result["started_a_child"] or analyses() != before + 1:
+        raise RuntimeError("a check through the server was not forked by it")
+    return result
+
+
 def gb(nbytes: float) -> str:
     return f"{nbytes / 1e9:.2f} GB"
 
@@ -340,6 +370,8 @@ def main() -> int:
     read_every_import([paths[name] for name in args.only.split(",")])
     import_torch = import_torch_seconds()
     print(f"import torch alone: {import_torch:.2f} s (median of 3)\n")
+    served_environment, server_start = start_server()
+    print(f"memlint server start (imports torch, torch._dynamo and memlint once): {server_start:.2f} s\n")
     rows = []
     for name in args.only.split(","):
         batch = MODELS[name]
@@ -350,6 +382,10 @@ def main() -> int:
         unchanged = measure(command)
         if unchanged["started_a_child"] or unchanged["torch_imported"]:
             raise RuntimeError(f"{name}: the second check was not answered from the cache")
+        served_first = measure_served(command, served_environment)
+        time.sleep(3)  # the server imports what the first check taught it while it is idle
+        served = measure_served(command, served_environment)
+        served["first"] = served_first["command_wall"]
         analysis = measure([PYTHON, "-c", ANALYSE, path, str(batch), "search"])
         analysis["no_search_wall"] = measure([PYTHON, "-c", ANALYSE, path, str(batch), "no-search"])["wall"]
         torchinfo = memtracker = None
@@ -357,29 +393,34 @@ def main() -> int:
             if name != "llama-7b":
                 torchinfo = measure([PYTHON, "-c", TORCHINFO, path, str(batch)])
             memtracker = measure([PYTHON, "-c", MEMTRACKER, path, str(batch)])
-        rows.append((name, batch, check, unchanged, analysis, torchinfo, memtracker))
+        rows.append((name, batch, check, unchanged, served, analysis, torchinfo, memtracker))
         peers = ", ".join(f"{label} {'n/a' if result is None else format(result['command_wall'], '.1f') + ' s'}"
                           for label, result in (("torchinfo", torchinfo), ("MemTracker", memtracker)))
         print(f"{name}: memlint check {check['command_wall']:.1f} s wall, {check['command_cpu']:.1f} s CPU, "
               f"{gb(check['rss'])}; analysis {analysis['wall']:.2f} s ({analysis['no_search_wall']:.2f} s without "
               f"the largest-batch search; {analysis['warm_wall']:.2f} s again in the same process); "
-              f"unchanged {unchanged['command_wall']:.2f} s; {peers}", file=sys.stderr)
+              f"unchanged {unchanged['command_wall']:.2f} s; through the server {served['first']:.2f} s, then "
+              f"{served['command_wall']:.2f} s; "
+              f"{peers}", file=sys.stderr)
 
     header = ["model", "batch", "memlint check: wall / CPU / peak RSS",
               "analysis, imports excluded: first (no search) / again",
-              "again, model unchanged: wall / peak RSS", "torchinfo: wall / peak RSS",
-              "MemTracker (fake): wall / peak RSS", "torchinfo / memlint (unchanged)",
-              "MemTracker / memlint (unchanged)", "imports excluded: torchinfo / MemTracker (÷ memlint's analysis)"]
+              "again, model unchanged: wall / peak RSS", "through a warm server: first / then",
+              "torchinfo: wall / peak RSS", "MemTracker (fake): wall / peak RSS",
+              "torchinfo / memlint (server; unchanged)", "MemTracker / memlint (server; unchanged)",
+              "imports excluded: torchinfo / MemTracker (÷ memlint's analysis)"]
     table = []
-    for name, batch, check, unchanged, analysis, torchinfo, memtracker in rows:
+    for name, batch, check, unchanged, served, analysis, torchinfo, memtracker in rows:
         ours = check["command_wall"]
         info = "n/a (would allocate 27 GB)" if name == "llama-7b" else "skipped" if torchinfo is None else \
             f"{torchinfo['command_wall']:.1f} s / {gb(torchinfo['rss'])}"
         tracker = "skipped" if memtracker is None else f"{memtracker['command_wall']:.1f} s / {gb(memtracker['rss'])}"
         table.append([name, str(batch), f"{ours:.1f} s / {check['command_cpu']:.1f} s / {gb(check['rss'])}",
                       f"{analysis['wall']:.2f} s ({analysis['no_search_wall']:.2f} s) / {analysis['warm_wall']:.2f} s",
-                      f"{unchanged['command_wall']:.2f} s / {gb(unchanged['rss'])}", info, tracker,
-                      _ratios(torchinfo, ours, unchanged), _ratios(memtracker, ours, unchanged),
+                      f"{unchanged['command_wall']:.2f} s / {gb(unchanged['rss'])}",
+                      f"{served['first']:.2f} s / {served['command_wall']:.2f} s",
+                      info, tracker, _ratios(torchinfo, ours, served, unchanged),
+                      _ratios(memtracker, ours, served, unchanged),
                       " / ".join(_work_ratio(peer, analysis["wall"]) for peer in (torchinfo, memtracker))])
     print_table(header, table, args.markdown)
 
@@ -391,13 +432,15 @@ def main() -> int:
                   f"{lines:,} lines: {static['cpu']:.1f} s CPU ({static['command_wall']:.1f} s wall, one process) = "
                   f"{lines / static['cpu']:,.0f} lines/s per core; peak RSS {gb(static['rss'])}; "
                   f"torch imported: {'yes' if static['torch_imported'] else 'no'}")
+    subprocess.run([PYTHON, "-m", "memlint", "server", "stop"], env=served_environment, stdout=subprocess.DEVNULL)
     return 0
 
 
-def _ratios(peer: dict | None, ours: float, unchanged: dict) -> str:
+def _ratios(peer: dict | None, ours: float, served: dict, unchanged: dict) -> str:
     if peer is None:
         return "n/a"
-    return f"{peer['command_wall'] / ours:.1f}x ({peer['command_wall'] / unchanged['command_wall']:.0f}x)"
+    wall = peer["command_wall"]
+    return f"{wall / ours:.1f}x ({wall / served['command_wall']:.1f}x; {wall / unchanged['command_wall']:.0f}x)"
 
 
 def _work_ratio(peer: dict | None, analysis_wall: float) -> str:

@@ -1,4 +1,4 @@
-"""The ``memlint`` command: ``check``, ``report``, ``targets`` and ``rule``.
+"""The ``memlint`` command: ``check``, ``report``, ``server``, ``targets`` and ``rule``.
 
 Exit codes as ruff: 0 no findings, 1 findings, 2 usage, configuration or internal error.
 Nothing here imports torch; model analysis runs in child processes (``memlint.worker``).
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Sequence, TextIO
@@ -81,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     from memlint.report_command import add_parser as add_report_parser
 
     add_report_parser(commands)
+    server = commands.add_parser("server", help="a warm analysis process that checks fork from (Linux)")
+    server.add_argument("action", choices=("start", "stop", "status"))
+    server.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
+                        help="stop after this long without a request (default 3600)")
     commands.add_parser("targets", help="list the devices memlint knows")
     rule = commands.add_parser("rule", help="explain a rule")
     rule.add_argument("code", nargs="?", help="a rule code, e.g. MEM001")
@@ -154,6 +159,35 @@ def run_targets_command(out: TextIO) -> int:
     return EXIT_CLEAN
 
 
+def run_server_command(args: argparse.Namespace, out: TextIO) -> int:
+    from memlint import server
+    from memlint.worker import STARTUP_LIMIT
+
+    if args.action == "start":
+        idle = server.DEFAULT_IDLE_TIMEOUT if args.idle_timeout is None else args.idle_timeout
+        if not idle > 0:
+            raise UsageError(f"--idle-timeout must be a positive number of seconds, not {idle:g}")
+        state = server.start(idle, STARTUP_LIMIT)
+        if state.get("already"):
+            out.write(f"memlint server: already running (pid {state['pid']})\n")
+        else:
+            out.write(f"memlint server: started (pid {state['pid']}, warm in {state['warm_up']:.1f} s); checks in "
+                      f"this environment fork their analyses from it; it stops after "
+                      f"{state['idle_timeout']:g} s without one, or with `memlint server stop`\n")
+        return EXIT_CLEAN
+    state = server.ask(args.action)
+    if state is None:
+        out.write("memlint server: none running for this environment\n")
+        return EXIT_CLEAN if args.action == "stop" else EXIT_FINDINGS
+    if args.action == "stop":
+        out.write(f"memlint server: stopped (pid {state['pid']})\n")
+    else:
+        out.write(f"memlint server: running (pid {state['pid']}, up {time.time() - state['started']:.0f} s, "
+                  f"{state['analyses']} analyses, {state['learned']} modules learned from them, "
+                  f"stops after {state['idle_timeout']:g} s idle)\n")
+    return EXIT_CLEAN
+
+
 def run_rule_command(args: argparse.Namespace, out: TextIO) -> int:
     from memlint.rules.base import all_rules, get_rule
 
@@ -177,6 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_check_command(args, sys.stdout)
         if args.command == "targets":
             return run_targets_command(sys.stdout)
+        if args.command == "server":
+            return run_server_command(args, sys.stdout)
         if args.command == "report":
             from memlint.report_command import run_report_command
 

@@ -23,11 +23,14 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, TYPE_CHECKING, Any, Callable, Iterator
 
 from memlint.cache import InputRecorder
 from memlint.errors import MemlintError, ModelError
 from memlint.settings import Settings
+
+if TYPE_CHECKING:
+    from memlint.server import ServedWorker
 
 DEFAULT_MEMORY_LIMIT = 8 * 2**30
 
@@ -68,26 +71,70 @@ def run_in_child(request: AnalysisRequest, timeout: float, memory_limit: int | N
         env["MEMLINT_MEMORY_LIMIT"] = str(memory_limit)
     with tempfile.TemporaryFile() as stderr:
         try:
-            process = subprocess.Popen([sys.executable, "-m", "memlint.worker"], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, stderr=stderr, env=env, start_new_session=True)
+            worker = _start_worker(env, stderr)
         except OSError as exc:
             return AnalysisAnswer([], _error_json(ModelError(
                 f"could not start the analysis process: {exc.strerror or exc}", path=request.display_path,
                 hint="check that the Python running memlint can start processes")))
         with _LIVE_LOCK:
-            _LIVE_GROUPS.add(process.pid)
+            _LIVE_GROUPS.add(worker.group)
         try:
-            output, timed_out = _talk(process, json.dumps(asdict(request)).encode(), timeout)
+            output, timed_out = _talk(worker, json.dumps(asdict(request)).encode(), timeout)
         finally:
-            _kill_group(process)
-            process.wait()
+            worker.kill_group()
+            returncode = worker.reap()
             with _LIVE_LOCK:
-                _LIVE_GROUPS.discard(process.pid)
+                _LIVE_GROUPS.discard(worker.group)
         stderr.seek(0)
         err = stderr.read().decode("utf-8", "replace")
     if request.debug and err.strip():
         sys.stderr.write(f"--- output of the analysis process for {request.display_path} ---\n{err}")
-    return _answer(request, process.returncode, output, err, timed_out, timeout, memory_limit)
+    return _answer(request, returncode, output, err, timed_out, timeout, memory_limit)
+
+
+def _start_worker(env: dict[str, str], stderr: IO[bytes]) -> "SpawnedWorker | ServedWorker":
+    """A worker forked by this environment's warm server (memlint.server) when one runs, else a new process."""
+    from memlint.server import served_worker
+
+    return served_worker(env, stderr) or SpawnedWorker(subprocess.Popen(
+        [sys.executable, "-m", "memlint.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr,
+        env=env, start_new_session=True))
+
+
+class SpawnedWorker:
+    """``python -m memlint.worker``, our child and the leader of its own process group."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self.group = process.pid
+        self.stdin, self.stdout = process.stdin, process.stdout
+
+    def exited(self) -> bool:
+        """Whether it has exited, without reaping it: its pid, the group id, stays ours until ``reap``."""
+        waitid = getattr(os, "waitid", None)
+        if waitid is None:
+            return self.process.poll() is not None
+        try:
+            return waitid(os.P_PID, self.process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+
+    def interrupt(self) -> None:
+        try:
+            self.process.send_signal(signal.SIGTERM)
+        except OSError:
+            pass
+
+    def kill_group(self) -> None:
+        if self.process.returncode is not None:
+            return  # reaped: the group id may belong to someone else now
+        try:
+            os.killpg(self.group, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def reap(self) -> int:
+        return self.process.wait()
 
 
 _DEADLINE_GRACE = 10.0  # the child stops itself this long after the parent's timeout, should the parent be gone
@@ -98,11 +145,11 @@ _LIVE_GROUPS: set[int] = set()  # process groups of running analyses, killed on 
 _LIVE_LOCK = threading.Lock()
 
 
-def _talk(process: subprocess.Popen, request: bytes, timeout: float) -> tuple[bytes, bool]:
-    """Send the request, collect stdout, and wait for the child (not for what it left behind).
+def _talk(worker: "SpawnedWorker | ServedWorker", request: bytes, timeout: float) -> tuple[bytes, bool]:
+    """Send the request, collect stdout, and wait for the worker (not for what it left behind).
 
-    ``timeout`` runs from the child's first phase note (it has started on the user's file). On
-    a timeout the child first gets SIGTERM, on which it dumps its Python stack to stderr
+    ``timeout`` runs from the worker's first phase note (it has started on the user's file). On
+    a timeout the worker first gets SIGTERM, on which it dumps its Python stack to stderr
     (faulthandler) so that the message can name the line it was stuck on; then the whole
     group gets SIGKILL.
     """
@@ -111,12 +158,12 @@ def _talk(process: subprocess.Popen, request: bytes, timeout: float) -> tuple[by
 
     def pump() -> None:
         try:
-            process.stdin.write(request)  # type: ignore[union-attr]
-            process.stdin.close()  # type: ignore[union-attr]
-        except OSError:  # the child died before reading its request: its exit status says why
+            worker.stdin.write(request)  # type: ignore[union-attr]
+            worker.stdin.close()  # type: ignore[union-attr]
+        except OSError:  # the worker died before reading its request: its exit status says why
             pass
         while True:
-            chunk = process.stdout.read1(1 << 16)  # type: ignore[union-attr]
+            chunk = worker.stdout.read1(1 << 16)  # type: ignore[union-attr]
             if not chunk:
                 break
             if not started and b'"phase"' in chunk:
@@ -126,46 +173,25 @@ def _talk(process: subprocess.Popen, request: bytes, timeout: float) -> tuple[by
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     launched = time.monotonic()
-    timed_out = not _wait_unreaped(process, lambda: started[0] + timeout if started
+    timed_out = not _wait_for_exit(worker, lambda: started[0] + timeout if started
                                    else launched + STARTUP_LIMIT + timeout)
     if timed_out:
-        try:
-            process.send_signal(signal.SIGTERM)
-        except OSError:
-            pass
+        worker.interrupt()
         stop = time.monotonic() + 2.0
-        _wait_unreaped(process, lambda: stop)
-    _kill_group(process)  # the child's leftovers (and the child, on a timeout)
-    process.wait()
+        _wait_for_exit(worker, lambda: stop)
+    worker.kill_group()  # the worker's leftovers (and the worker, on a timeout)
     reader.join(5.0)
-    process.stdout.close()  # type: ignore[union-attr]
+    worker.stdout.close()  # type: ignore[union-attr]
     return b"".join(chunks), timed_out
 
 
-def _wait_unreaped(process: subprocess.Popen, deadline: Callable[[], float]) -> bool:
-    """Wait until the child exits, without reaping it (its pid, the group id, stays ours); False on timeout."""
-    waitid = getattr(os, "waitid", None)
-    while True:
-        if waitid is not None:
-            try:
-                if waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                    return True
-            except ChildProcessError:
-                return True
-        elif process.poll() is not None:
-            return True
+def _wait_for_exit(worker: "SpawnedWorker | ServedWorker", deadline: Callable[[], float]) -> bool:
+    """Wait until the worker exits; False on timeout."""
+    while not worker.exited():
         if time.monotonic() >= deadline():
             return False
         time.sleep(0.02)
-
-
-def _kill_group(process: subprocess.Popen) -> None:
-    if process.returncode is not None:
-        return  # reaped: the group id may belong to someone else now
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    return True
 
 
 def kill_all_children() -> None:
@@ -268,13 +294,11 @@ def _limit_memory() -> None:
 
 def analyse_request(request: AnalysisRequest) -> AnalysisAnswer:
     """In the child: import the file, find its models and analyse each one."""
-    with _collector_paused():  # torch's import makes half a million objects, none of them garbage
-        from memlint.estimator import Workload, analyse
-        from memlint.fakemode import new_fake_mode
-        from memlint.loader import find_models, import_user_file
-        from memlint.targets import resolve_target
+    prepare_analysis()
+    from memlint.estimator import Workload, analyse
+    from memlint.loader import find_models, import_user_file
+    from memlint.targets import resolve_target
 
-        new_fake_mode()  # memlint's own lazy imports (torch._dynamo, ...): before the clock of --timeout starts
     settings = Settings(**_settings_from_json(request.settings))
     target = resolve_target(request.target, settings.user_targets)
     path = Path(request.path)
@@ -295,6 +319,20 @@ def analyse_request(request: AnalysisRequest) -> AnalysisAnswer:
         report.batch_size_source = request.batch_size_source
         reports.append(report.to_json(full=True))
     return AnalysisAnswer(reports)
+
+
+def prepare_analysis() -> None:
+    """Import what every analysis needs (torch, torch._dynamo, memlint's engine), before any clock starts.
+
+    The worker does it first; the warm server (memlint.server) does it once, for all its forks.
+    """
+    with _collector_paused():  # torch's import makes half a million objects, none of them garbage
+        import memlint.estimator  # noqa: F401
+        import memlint.loader  # noqa: F401
+        import memlint.targets  # noqa: F401
+        from memlint.fakemode import new_fake_mode
+
+        new_fake_mode()  # memlint's own lazy imports (torch._dynamo, ...)
 
 
 @contextlib.contextmanager
@@ -379,7 +417,11 @@ def _guard_child() -> None:
     threading.Thread(target=watch, name="memlint-watchdog", daemon=True).start()
 
 
-def main() -> None:
+def main(after_answer: Callable[[], None] | None = None) -> None:
+    """The worker: read the request on stdin, answer on the private channel, exit.
+
+    ``after_answer`` runs once a successful answer is sent (the warm server's note of imports).
+    """
     _guard_child()
     recorder = InputRecorder()
     recorder.install()
@@ -419,6 +461,9 @@ def main() -> None:
             stream.flush()
         except (OSError, ValueError):  # the user's code may have closed it
             pass
+    if after_answer is not None and answer.error is None:
+        with contextlib.suppress(Exception):
+            after_answer()
     # Leave at once: the user's atexit handlers and non-daemon threads have no business running now.
     _real_exit(0)
 

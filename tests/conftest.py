@@ -17,6 +17,9 @@ MODELS = Path(__file__).resolve().parent / "models"
 # Every test analyses afresh (and the commands they start too): a test of the analysis must not be
 # answered by another test's kept answer. tests/test_cache.py turns the cache on for itself.
 os.environ["MEMLINT_NO_CACHE"] = "1"
+# Nor by an analysis server a developer left running (memlint.server): the tests that use one start
+# their own, in a private temporary folder (the ``analysis_server`` fixture).
+os.environ.setdefault("MEMLINT_NO_SERVER", "1")  # MEMLINT_NO_SERVER=0: the whole suite through your server
 
 
 # A minimal model file that analyses quickly, for tests of the command's behaviour.
@@ -66,3 +69,44 @@ def write(tmp_path: Path):
         path.write_text(textwrap.dedent(text).lstrip(), encoding="utf-8")
         return path
     return _write
+
+
+@pytest.fixture(scope="session")
+def analysis_server():
+    """A warm analysis server of its own (socket in a private TMPDIR); the environment that reaches it."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the analysis server runs on Linux only")
+    import shutil
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="mls-", dir="/tmp")  # short: a socket's path has a length limit
+    environment = {**os.environ, "TMPDIR": folder}
+    environment.pop("MEMLINT_NO_SERVER")
+    started = subprocess.run([sys.executable, "-m", "memlint", "server", "start", "--idle-timeout", "900"],
+                             capture_output=True, text=True, env=environment, timeout=300)
+    assert started.returncode == 0 and "started" in started.stdout, started.stdout + started.stderr
+    yield environment
+    subprocess.run([sys.executable, "-m", "memlint", "server", "stop"], env=environment, timeout=60)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def served_analyses(environment: dict[str, str]) -> int:
+    """How many analyses the server reached by ``environment`` has forked."""
+    done = subprocess.run([sys.executable, "-m", "memlint", "server", "status"], capture_output=True, text=True,
+                          env=environment, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return int(done.stdout.split(" analyses")[0].rsplit(" ", 1)[1])
+
+
+@pytest.fixture(params=["spawned", "served"])
+def launcher(request, monkeypatch):
+    """Run the test's checks with a spawned worker, then again with workers forked by a warm server."""
+    if request.param == "spawned":
+        yield request.param
+        return
+    environment = request.getfixturevalue("analysis_server")
+    before = served_analyses(environment)
+    monkeypatch.setenv("TMPDIR", environment["TMPDIR"])
+    monkeypatch.delenv("MEMLINT_NO_SERVER")
+    yield request.param
+    assert served_analyses(environment) > before, "the checks did not reach the server"

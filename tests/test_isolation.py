@@ -2,8 +2,10 @@
 
 Model files are imported in ``python -m memlint.worker`` children (memlint/worker.py), one per
 file and target, run in parallel, each in its own process group with a memory limit and a
-timeout. Whatever the user's code does there (hang, allocate 50 GB, exit, print garbage, start
-processes), memlint answers clearly, survives, and leaves no process behind.
+timeout; or in the same worker forked by a warm analysis server (memlint/server.py): each test
+with the ``launcher`` fixture runs both ways. Whatever the user's code does there (hang, allocate
+50 GB, exit, print garbage, start processes), memlint answers clearly, survives, and leaves no
+process behind.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def spawn_sleeper(pid_file: Path) -> str:
     """)
 
 
-def test_file_that_hangs_at_import_is_stopped_with_everything_it_started(write, tmp_path):
+def test_file_that_hangs_at_import_is_stopped_with_everything_it_started(write, tmp_path, launcher):
     pid_file = tmp_path / "sleeper.pid"
     path = write("tree/model.py", MODEL + spawn_sleeper(pid_file) + "while True:\n    time_left = 1\n")
     run = memlint("check", str(path), "--input-shape", "64", "--timeout", "3")
@@ -65,7 +67,7 @@ def test_file_that_hangs_at_import_is_stopped_with_everything_it_started(write, 
     assert gone_soon(int(pid_file.read_text())), "the grandchild outlived the timeout"
 
 
-def test_file_that_allocates_50_gb_at_import_hits_the_memory_limit(write):
+def test_file_that_allocates_50_gb_at_import_hits_the_memory_limit(write, launcher):
     path = write("model.py", MODEL + "\nTABLE = torch.ones(50 * 2**30 // 4)  # 50 GB of real memory\n")
     run = memlint("check", str(path), "--input-shape", "64")
     text = run.out + run.err
@@ -75,7 +77,7 @@ def test_file_that_allocates_50_gb_at_import_hits_the_memory_limit(write):
     assert "--memory-limit" in text
 
 
-def test_file_that_calls_os_exit_is_reported_with_its_line(write):
+def test_file_that_calls_os_exit_is_reported_with_its_line(write, launcher):
     path = write("model.py", MODEL + "\nimport os\nos._exit(3)\n")
     run = memlint("check", str(path), "--input-shape", "64")
     text = run.out + run.err
@@ -83,7 +85,7 @@ def test_file_that_calls_os_exit_is_reported_with_its_line(write):
     assert f"model.py:{line_of(path, 'os._exit')}: the analysis process exited with code 3 while importing" in text
 
 
-def test_garbage_on_stdout_does_not_confuse_the_answer(write):
+def test_garbage_on_stdout_does_not_confuse_the_answer(write, launcher):
     path = write("model.py", MODEL.replace("return self.layer(x)", "print('{garbage'); return self.layer(x)") +
                  textwrap.dedent("""
                      import os, sys
@@ -100,7 +102,7 @@ def test_garbage_on_stdout_does_not_confuse_the_answer(write):
 
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores")
-def test_two_files_are_analysed_concurrently(write, tmp_path):
+def test_two_files_are_analysed_concurrently(write, tmp_path, launcher):
     log = tmp_path / "log"
     log.mkdir()
     paths = []
@@ -121,7 +123,7 @@ def test_two_files_are_analysed_concurrently(write, tmp_path):
     print(f"two files, 3 s sleep each at import: {wall:.1f} s wall")
 
 
-def test_no_process_outlives_a_normal_run(write, tmp_path):
+def test_no_process_outlives_a_normal_run(write, tmp_path, launcher):
     pid_file = tmp_path / "sleeper.pid"
     path = write("tree/model.py", MODEL + spawn_sleeper(pid_file))
     run = memlint("check", str(path), "--input-shape", "64")
@@ -129,7 +131,7 @@ def test_no_process_outlives_a_normal_run(write, tmp_path):
     assert gone_soon(int(pid_file.read_text()))
 
 
-def test_children_stop_when_memlint_is_killed(write, tmp_path):
+def test_children_stop_when_memlint_is_killed(write, tmp_path, launcher):
     pid_file = tmp_path / "child.pid"
     path = write("tree/model.py", MODEL + textwrap.dedent(f"""
         import os, time

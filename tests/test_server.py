@@ -1,0 +1,182 @@
+"""The warm analysis server (memlint/server.py): a served check answers as a spawned one does.
+
+tests/test_isolation.py runs its hang, memory, crash, garbage, concurrency and orphan tests
+through a server too (the ``launcher`` fixture). Here: what the user's code sees, the cache's
+record, which checks may use a server, and its life (start, stop, idle, a dead server).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import MODEL, served_analyses
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the analysis server runs on Linux only")
+
+
+def memlint_in(environment: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "memlint", *args], capture_output=True, text=True, cwd=cwd,
+                          env=environment, timeout=300)
+
+
+def spawning(environment: dict[str, str]) -> dict[str, str]:
+    return {**environment, "MEMLINT_NO_SERVER": "1"}
+
+
+# A model file that writes down what its code sees of the process it runs in.
+WHAT_THE_FILE_SEES = MODEL + '''
+import json, os, sys
+import helper, extra_helper
+json.dump({"path": sys.path[:2], "argv": [os.path.basename(a) for a in sys.argv], "cwd": os.getcwd(),
+           "flavour": os.environ.get("MODEL_FLAVOUR"), "name": __name__.rstrip("0123456789"), "helpers": [helper.NAME, extra_helper.NAME],
+           "stdin": sys.stdin.read()}, open(os.environ["RECORD"], "w"))
+'''
+
+
+def test_a_served_check_answers_and_runs_the_file_as_a_spawned_one(analysis_server, tmp_path):
+    tree, extra = tmp_path / "tree", tmp_path / "extra"
+    tree.mkdir()
+    extra.mkdir()
+    (tree / "model.py").write_text(WHAT_THE_FILE_SEES)
+    (tree / "helper.py").write_text("NAME = 'beside the model'\n")
+    (extra / "extra_helper.py").write_text("NAME = 'on PYTHONPATH'\n")
+    outputs, seen = {}, {}
+    for how in ("spawned", "served"):
+        environment = {**(spawning(analysis_server) if how == "spawned" else analysis_server),
+                       "PYTHONPATH": str(extra), "MODEL_FLAVOUR": "plain", "RECORD": str(tmp_path / f"{how}.json")}
+        before = served_analyses(analysis_server)
+        done = memlint_in(environment, "check", "model.py", "--input-shape", "64", "--output-format", "json",
+                          cwd=tree)
+        assert done.returncode in (0, 1), done.stdout + done.stderr
+        assert served_analyses(analysis_server) - before == (how == "served")
+        outputs[how], seen[how] = json.loads(done.stdout), json.loads((tmp_path / f"{how}.json").read_text())
+    assert seen["served"] == seen["spawned"]
+    assert seen["served"]["path"] == [str(tree), str(extra)] and seen["served"]["flavour"] == "plain"
+    assert seen["served"]["stdin"] == ""  # the request was read by memlint; the user's code finds stdin empty
+    assert outputs["served"] == outputs["spawned"]
+
+
+def test_a_served_analysis_is_kept_by_the_cache_with_what_it_read(analysis_server, tmp_path):
+    path = tmp_path / "tree" / "model.py"  # the cache's folder beside, not in, the model's (which is an input)
+    path.parent.mkdir()
+    path.write_text(MODEL)
+    past = time.time() - 60  # a file modified just before an analysis is not trusted for the cache
+    for written in (path, path.parent):
+        os.utime(written, (past, past))
+    environment = {**analysis_server, "MEMLINT_CACHE_DIR": str(tmp_path / "cache")}
+    environment.pop("MEMLINT_NO_CACHE")
+    runs = []
+    for _ in range(2):
+        before = served_analyses(analysis_server)
+        done = memlint_in(environment, "check", str(path), "--input-shape", "64", "--output-format", "json")
+        assert done.returncode in (0, 1), done.stderr
+        runs.append((served_analyses(analysis_server) - before, json.loads(done.stdout)))
+    assert [count for count, _ in runs] == [1, 0]  # the second check was answered from the cache
+    assert runs[0][1] == runs[1][1]
+    (entry,) = (tmp_path / "cache").glob("*.json")
+    files = json.loads(entry.read_text())["inputs"]["files"]
+    # What the server imported before the fork counts as read: a new torch must invalidate the answer.
+    assert str(path) in files and any(name.endswith(os.path.join("torch", "__init__.py")) for name in files)
+
+
+def test_a_server_serves_only_checks_of_its_own_environment(analysis_server, tmp_path):
+    path = tmp_path / "model.py"
+    path.write_text(MODEL)
+    before = served_analyses(analysis_server)
+    # torch reads TORCH_* variables at import: the server imported it with other values.
+    environment = {**analysis_server, "TORCH_SHOW_CPP_STACKTRACES": "1"}
+    done = memlint_in(environment, "check", str(path), "--input-shape", "64")
+    assert done.returncode in (0, 1), done.stderr
+    assert memlint_in(environment, "server", "status").returncode == 1  # none for that environment
+    done = memlint_in(spawning(analysis_server), "check", str(path), "--input-shape", "64")
+    assert done.returncode in (0, 1), done.stderr
+    assert served_analyses(analysis_server) == before
+
+
+def test_a_server_starts_once_stops_when_idle_and_a_dead_one_is_replaced(tmp_path):
+    folder = tempfile.mkdtemp(prefix="mls-", dir="/tmp")
+    environment = {**os.environ, "TMPDIR": folder}
+    environment.pop("MEMLINT_NO_SERVER")
+    socket_folder = Path(folder) / f"memlint-{os.getuid()}"
+    path = tmp_path / "model.py"
+    path.write_text(MODEL)
+
+    first = memlint_in(environment, "server", "start", "--idle-timeout", "300")
+    assert first.returncode == 0 and "started" in first.stdout, first.stdout + first.stderr
+    again = memlint_in(environment, "server", "start")
+    assert again.returncode == 0 and "already running" in again.stdout
+    assert oct(socket_folder.stat().st_mode & 0o777) == "0o700"
+    pid = int(first.stdout.split("pid ")[1].split(",")[0])
+    os.kill(pid, signal.SIGKILL)  # no chance to remove its socket
+    while Path(f"/proc/{pid}").exists() and open(f"/proc/{pid}/stat").read().split(") ")[1][0] not in "ZX":
+        time.sleep(0.05)
+    assert list(socket_folder.glob("*.sock")), "the dead server's socket should still be there"
+    done = memlint_in(environment, "check", str(path), "--input-shape", "64")
+    assert done.returncode in (0, 1) and "Traceback" not in done.stderr, done.stderr  # spawned instead
+    assert memlint_in(environment, "server", "status").returncode == 1
+
+    second = memlint_in(environment, "server", "start", "--idle-timeout", "1")
+    assert second.returncode == 0 and "started" in second.stdout, second.stdout + second.stderr
+    deadline = time.monotonic() + 30
+    while list(socket_folder.glob("*.sock")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not list(socket_folder.glob("*.sock")), "an idle server should stop and remove its socket"
+    stopped = memlint_in(environment, "server", "stop")
+    assert stopped.returncode == 0 and "none running" in stopped.stdout
+
+
+def test_server_command_errors_are_one_paragraph():
+    done = memlint_in({**os.environ}, "server", "start", "--idle-timeout", "0")
+    assert done.returncode == 2 and "--idle-timeout must be a positive number" in done.stderr
+    assert "Traceback" not in done.stderr
+    done = memlint_in({**os.environ}, "server", "restart")
+    assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+def test_the_server_learns_the_installed_modules_an_analysis_imports_never_the_users(analysis_server, tmp_path):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "model.py").write_text("import helper, jsonschema\n" + MODEL)  # jsonschema: installed, unused by memlint
+    (tree / "helper.py").write_text("NAME = 'the user\\'s own'\n")
+
+    def learned() -> int:
+        status = memlint_in(analysis_server, "server", "status").stdout
+        return int(status.split(" modules learned")[0].rsplit(" ", 1)[1])
+
+    outputs = []
+    for _ in range(2):
+        done = memlint_in(analysis_server, "check", "model.py", "--input-shape", "64", "--output-format", "json",
+                          cwd=tree)
+        assert done.returncode in (0, 1), done.stderr
+        outputs.append(json.loads(done.stdout))
+        deadline = time.monotonic() + 30
+        while learned() == 0 and time.monotonic() < deadline:  # imported while the server is idle
+            time.sleep(0.2)
+    assert outputs[0] == outputs[1]
+    (imports,) = (Path(analysis_server["TMPDIR"]) / f"memlint-{os.getuid()}").glob("*.imports")
+    names = json.loads(imports.read_text())
+    assert "jsonschema" in names and "helper" not in names and not any("memlint_user" in name for name in names)
+
+
+def test_learned_imports_are_imported_and_watched_for_changes(tmp_path, monkeypatch):
+    from memlint.server import LearnedImports
+
+    package = tmp_path / "site"
+    package.mkdir()
+    (package / "learned_module_for_memlint_tests.py").write_text("VALUE = 1\n")
+    monkeypatch.syspath_prepend(str(package))
+    learned = LearnedImports(tmp_path / "list.imports")
+    learned.path.write_text(json.dumps(["learned_module_for_memlint_tests"]))
+    assert learned.update() is None and len(learned) == 1
+    assert "learned_module_for_memlint_tests" in sys.modules and learned.changed() is None
+    (package / "learned_module_for_memlint_tests.py").write_text("VALUE = 22\n")  # an upgrade
+    assert learned.changed() == str(package / "learned_module_for_memlint_tests.py")
+    sys.modules.pop("learned_module_for_memlint_tests")
