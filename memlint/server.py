@@ -406,9 +406,12 @@ def _handle(connection: socket.socket, listener: socket.socket, lock: Any, state
             except OSError:
                 pass
             return "stop" if op == "stop" else None
-        state["analyses"] += 1
         sys.stderr.flush()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:  # the check that asked spawns its own worker
+            print(f"memlint server: could not fork: {exc}", file=sys.stderr)
+            pid = -1
         if pid == 0:
             try:
                 listener.close()
@@ -418,7 +421,9 @@ def _handle(connection: socket.socket, listener: socket.socket, lock: Any, state
                 os._exit(70)
         for fd in fds:
             os.close(fd)
-        sessions.add(pid)
+        if pid > 0:
+            state["analyses"] += 1
+            sessions.add(pid)
     return None
 
 

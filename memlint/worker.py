@@ -5,7 +5,8 @@ Importing a model file runs the user's code: a hang, an infinite allocation, a c
 down with it, and must be reported clearly. The parent sends a JSON request on stdin and reads
 JSON lines (phase notes, then the answer) from a private copy of the child's stdout; the child
 runs in its own process group (killed on a timeout and after it answers: no orphans), under
-``RLIMIT_AS``, and never writes bytecode into the user's tree. See README, *Safety*.
+``RLIMIT_AS``, and never writes bytecode into the user's tree. See README, *Safety*. Where a warm
+analysis server runs (memlint.server), the same ``main`` runs in a process forked from it.
 """
 from __future__ import annotations
 
@@ -78,6 +79,9 @@ def run_in_child(request: AnalysisRequest, timeout: float, memory_limit: int | N
                 hint="check that the Python running memlint can start processes")))
         with _LIVE_LOCK:
             _LIVE_GROUPS.add(worker.group)
+        if request.debug and not isinstance(worker, SpawnedWorker):
+            sys.stderr.write(f"memlint: {request.display_path} on {request.target}: analysed in a worker forked by the "
+                             f"analysis server (memlint server status; MEMLINT_NO_SERVER=1 spawns one instead)\n")
         try:
             output, timed_out = _talk(worker, json.dumps(asdict(request)).encode(), timeout)
         finally:
