@@ -211,7 +211,7 @@ def served_worker(environment: dict[str, str], stderr: BinaryIO) -> ServedWorker
     try:
         _send(connection, {"op": "analyse", "cwd": os.getcwd(), "environment": environment},
               [stdin_read, stdout_write, stderr.fileno()])
-        connection.settimeout(30.0)
+        connection.settimeout(10.0)  # a server busy importing what it learned answers within seconds
         started = _read_line(connection, bytearray())
         connection.settimeout(None)
     except OSError:
