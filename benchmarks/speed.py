@@ -320,9 +320,9 @@ def start_server() -> tuple[dict[str, str], float]:
 def measure_served(command: list[str], environment: dict[str, str]) -> dict:
     """A check through the server; fails unless the server forked its analysis."""
     def analyses() -> int:
-        status = subprocess.run([PYTHON, "-m", "memlint", "server", "status"], capture_output=True, text=True,
-                                env=environment, check=True).stdout
-        return int(status.split(" analyses")[0].rsplit(" ", 1)[1])
+        status = subprocess.run([PYTHON, "-m", "memlint", "server", "status", "--json"], capture_output=True,
+                                text=True, env=environment, check=True).stdout
+        return json.loads(status)["analyses"]
 
     before = analyses()
     result = measure(command, environment=environment)

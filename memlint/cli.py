@@ -6,6 +6,7 @@ Nothing here imports torch; model analysis runs in child processes (``memlint.wo
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import traceback
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("action", choices=("start", "stop", "status"))
     server.add_argument("--idle-timeout", type=float, default=None, metavar="SECONDS",
                         help="stop after this long without a request (default 3600)")
+    server.add_argument("--json", action="store_true", help="print the server's state as one JSON object")
     commands.add_parser("targets", help="list the devices memlint knows")
     rule = commands.add_parser("rule", help="explain a rule")
     rule.add_argument("code", nargs="?", help="a rule code, e.g. MEM001")
@@ -168,7 +170,9 @@ def run_server_command(args: argparse.Namespace, out: TextIO) -> int:
         if not idle > 0:
             raise UsageError(f"--idle-timeout must be a positive number of seconds, not {idle:g}")
         state = server.start(idle, STARTUP_LIMIT)
-        if state.get("already"):
+        if args.json:
+            out.write(json.dumps({"running": True, **state}) + "\n")
+        elif state.get("already"):
             out.write(f"memlint server: already running (pid {state['pid']})\n")
         else:
             out.write(f"memlint server: started (pid {state['pid']}, warm in {state['warm_up']:.1f} s); checks in "
@@ -176,16 +180,17 @@ def run_server_command(args: argparse.Namespace, out: TextIO) -> int:
                       f"{state['idle_timeout']:g} s without one, or with `memlint server stop`\n")
         return EXIT_CLEAN
     state = server.ask(args.action)
-    if state is None:
+    if args.json:
+        out.write(json.dumps({"running": state is not None, **(state or {})}) + "\n")
+    elif state is None:
         out.write("memlint server: none running for this environment\n")
-        return EXIT_CLEAN if args.action == "stop" else EXIT_FINDINGS
-    if args.action == "stop":
+    elif args.action == "stop":
         out.write(f"memlint server: stopped (pid {state['pid']})\n")
     else:
         out.write(f"memlint server: running (pid {state['pid']}, up {time.time() - state['started']:.0f} s, "
                   f"{state['analyses']} analyses, {state['learned']} modules learned from them, "
                   f"stops after {state['idle_timeout']:g} s idle)\n")
-    return EXIT_CLEAN
+    return EXIT_FINDINGS if state is None and args.action == "status" else EXIT_CLEAN
 
 
 def run_rule_command(args: argparse.Namespace, out: TextIO) -> int:

@@ -92,10 +92,15 @@ def analysis_server():
 
 def served_analyses(environment: dict[str, str]) -> int:
     """How many analyses the server reached by ``environment`` has forked."""
-    done = subprocess.run([sys.executable, "-m", "memlint", "server", "status"], capture_output=True, text=True,
-                          env=environment, timeout=60)
+    return server_state(environment)["analyses"]
+
+
+def server_state(environment: dict[str, str]) -> dict[str, Any]:
+    """``memlint server status --json`` of the server reached by ``environment``, which must be running."""
+    done = subprocess.run([sys.executable, "-m", "memlint", "server", "status", "--json"], capture_output=True,
+                          text=True, env=environment, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
-    return int(done.stdout.split(" analyses")[0].rsplit(" ", 1)[1])
+    return json.loads(done.stdout)
 
 
 @pytest.fixture(params=["spawned", "served"])

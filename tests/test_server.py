@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MODEL, served_analyses
+from conftest import MODEL, served_analyses, server_state
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the analysis server runs on Linux only")
 
@@ -131,6 +131,8 @@ def test_a_server_starts_once_stops_when_idle_and_a_dead_one_is_replaced(tmp_pat
     assert not list(socket_folder.glob("*.sock")), "an idle server should stop and remove its socket"
     stopped = memlint_in(environment, "server", "stop")
     assert stopped.returncode == 0 and "none running" in stopped.stdout
+    status = memlint_in(environment, "server", "status", "--json")
+    assert status.returncode == 1 and json.loads(status.stdout) == {"running": False}
 
 
 def test_server_command_errors_are_one_paragraph():
@@ -147,10 +149,6 @@ def test_the_server_learns_the_installed_modules_an_analysis_imports_never_the_u
     (tree / "model.py").write_text("import helper, jsonschema\n" + MODEL)  # jsonschema: installed, unused by memlint
     (tree / "helper.py").write_text("NAME = 'the user\\'s own'\n")
 
-    def learned() -> int:
-        status = memlint_in(analysis_server, "server", "status").stdout
-        return int(status.split(" modules learned")[0].rsplit(" ", 1)[1])
-
     outputs = []
     for _ in range(2):
         done = memlint_in(analysis_server, "check", "model.py", "--input-shape", "64", "--output-format", "json",
@@ -158,7 +156,7 @@ def test_the_server_learns_the_installed_modules_an_analysis_imports_never_the_u
         assert done.returncode in (0, 1), done.stderr
         outputs.append(json.loads(done.stdout))
         deadline = time.monotonic() + 30
-        while learned() == 0 and time.monotonic() < deadline:  # imported while the server is idle
+        while server_state(analysis_server)["learned"] == 0 and time.monotonic() < deadline:  # imported while the server is idle
             time.sleep(0.2)
     assert outputs[0] == outputs[1]
     (imports,) = (Path(analysis_server["TMPDIR"]) / f"memlint-{os.getuid()}").glob("*.imports")
