@@ -114,14 +114,14 @@ class InputRecorder:
             absolute = os.path.abspath(path)
             if absolute.startswith(_IGNORED_ROOTS):
                 continue
-            stamp = _stamp(absolute)
+            stamp = file_stamp(absolute)
             if stamp is not None and stamp[1] / 1e9 > self.started - RACY_SECONDS:
                 return None  # changed while (or just before) it was read: the next run must look again
             files[absolute] = stamp
         return {"files": files, "environment": dict(self.variables)}
 
 
-def _stamp(path: str) -> list[int] | None:
+def file_stamp(path: str) -> list[int] | None:
     """Size and modification time in ns; None for a path that does not exist (its appearing counts too)."""
     try:
         status = os.stat(path)
@@ -179,6 +179,6 @@ class AnalysisCache:
 
 def _unchanged(inputs: dict[str, Any]) -> bool:
     for path, stamp in inputs["files"].items():
-        if _stamp(path) != stamp:
+        if file_stamp(path) != stamp:
             return False
     return all(os.environ.get(key) == value for key, value in inputs["environment"].items())

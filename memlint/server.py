@@ -23,6 +23,7 @@ SIGTERM.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -37,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from memlint.cache import file_stamp
 
 DEFAULT_IDLE_TIMEOUT = 3600.0
 _HEADER = struct.Struct("!I")  # length of the JSON request that follows the header (which carries the fds)
@@ -69,8 +72,12 @@ def _private_folder() -> Path | None:
     return path
 
 
+@functools.lru_cache(maxsize=1)
 def server_key() -> str | None:
-    """What a server must share with this process to analyse for it; None when torch is not installed."""
+    """What a server must share with this process to analyse for it; None when torch is not installed.
+
+    Computed once per process: a check asks for every file and target it analyses.
+    """
     import memlint
 
     torch = importlib.util.find_spec("torch")
@@ -81,13 +88,7 @@ def server_key() -> str | None:
     files = [*sorted(package.rglob("*.py")), *sorted(package.glob("data/*.toml")),
              *sorted(Path(next(iter(rules.submodule_search_locations or []), package)).glob("*.py")),
              Path(torch.origin), Path(torch.origin).with_name("version.py")]
-    stamps = []
-    for path in files:
-        try:
-            status = path.stat()
-        except OSError:
-            continue
-        stamps.append([str(path), status.st_size, status.st_mtime_ns])
+    stamps = {str(path): file_stamp(str(path)) for path in files}
     identity = {"executable": sys.executable, "version": sys.version, "prefix": sys.prefix, "files": stamps,
                 "environment": {k: v for k, v in os.environ.items()
                                 if k.startswith(_ENVIRONMENT_IN_KEY) and k not in _SET_BY_TORCH}}
@@ -458,8 +459,9 @@ def _become_worker(fds: list[int], request: dict[str, Any], imports_path: Path) 
     for number, fd in enumerate(fds):
         os.dup2(fd, number)
         os.close(fd)
-    for name in ("SIGINT", "SIGTERM", "SIGCHLD"):
-        signal.signal(getattr(signal, name), signal.default_int_handler if name == "SIGINT" else signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a new interpreter
+    for number in (signal.SIGTERM, signal.SIGCHLD):
+        signal.signal(number, signal.SIG_DFL)
     cwd, environment = request["cwd"], request["environment"]
     os.chdir(cwd)
     os.environ.clear()
@@ -487,7 +489,7 @@ class LearnedImports:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._read: int | None = None
-        self._stamps: dict[str, tuple[int, int] | None] = {}
+        self._stamps: dict[str, list[int] | None] = {}
         # torch's import leaves numpy's OpenBLAS threads, which are fork-safe (they mind pthread_atfork)
         self._threads = _threads()
 
@@ -535,7 +537,7 @@ class LearnedImports:
         for name in names:
             filename = getattr(sys.modules.get(name), "__file__", None)
             if isinstance(filename, str):
-                self._stamps[filename] = _stamp(filename)
+                self._stamps[filename] = file_stamp(filename)
         if _threads() > self._threads:  # a new thread, Python's or a library's own
             self.path.unlink(missing_ok=True)  # not again: a thread does not survive a fork
             return f"importing {', '.join(names[:3])}... started a thread, after which forking is not safe"
@@ -546,7 +548,7 @@ class LearnedImports:
 
     def changed(self) -> str | None:
         """The first imported file that has changed since the server imported it (an upgrade), if any."""
-        return next((path for path, stamp in self._stamps.items() if _stamp(path) != stamp), None)
+        return next((path for path, stamp in self._stamps.items() if file_stamp(path) != stamp), None)
 
     def _names(self) -> list[str]:
         try:
@@ -558,14 +560,6 @@ class LearnedImports:
 
 def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
-
-
-def _stamp(path: str) -> tuple[int, int] | None:
-    try:
-        status = os.stat(path)
-    except OSError:
-        return None
-    return status.st_size, status.st_mtime_ns
 
 
 _OWN_PATH: list[str] = []  # the server's sys.path without its working directory and PYTHONPATH entries

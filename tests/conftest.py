@@ -53,10 +53,10 @@ class Run:
         return json.loads(self.out)
 
 
-def memlint(*args: str, cwd: Path | None = None, timeout: float = 300) -> Run:
-    """Run the installed command exactly as a user would (``python -m memlint``)."""
+def memlint(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict[str, str] | None = None) -> Run:
+    """Run the installed command exactly as a user would (``python -m memlint``), in ``env`` if given."""
     done = subprocess.run([sys.executable, "-m", "memlint", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout)
+                          cwd=cwd, timeout=timeout, env=env)
     return Run(done)
 
 
@@ -77,17 +77,23 @@ def analysis_server():
     if not sys.platform.startswith("linux"):
         pytest.skip("the analysis server runs on Linux only")
     import shutil
+
+    environment = server_environment()
+    started = memlint("server", "start", "--idle-timeout", "900", env=environment)
+    assert started.code == 0 and "started" in started.out, started.out + started.err
+    yield environment
+    memlint("server", "stop", env=environment, timeout=60)
+    shutil.rmtree(environment["TMPDIR"], ignore_errors=True)
+
+
+def server_environment() -> dict[str, str]:
+    """This environment with servers allowed, and their sockets in a private TMPDIR of its own."""
     import tempfile
 
     folder = tempfile.mkdtemp(prefix="mls-", dir="/tmp")  # short: a socket's path has a length limit
     environment = {**os.environ, "TMPDIR": folder}
     environment.pop("MEMLINT_NO_SERVER")
-    started = subprocess.run([sys.executable, "-m", "memlint", "server", "start", "--idle-timeout", "900"],
-                             capture_output=True, text=True, env=environment, timeout=300)
-    assert started.returncode == 0 and "started" in started.stdout, started.stdout + started.stderr
-    yield environment
-    subprocess.run([sys.executable, "-m", "memlint", "server", "stop"], env=environment, timeout=60)
-    shutil.rmtree(folder, ignore_errors=True)
+    return environment
 
 
 def served_analyses(environment: dict[str, str]) -> int:
@@ -97,10 +103,9 @@ def served_analyses(environment: dict[str, str]) -> int:
 
 def server_state(environment: dict[str, str]) -> dict[str, Any]:
     """``memlint server status --json`` of the server reached by ``environment``, which must be running."""
-    done = subprocess.run([sys.executable, "-m", "memlint", "server", "status", "--json"], capture_output=True,
-                          text=True, env=environment, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return json.loads(done.stdout)
+    done = memlint("server", "status", "--json", env=environment, timeout=60)
+    assert done.code == 0, done.out + done.err
+    return json.loads(done.out)
 
 
 @pytest.fixture(params=["spawned", "served"])

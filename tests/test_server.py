@@ -9,22 +9,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import MODEL, served_analyses, server_state
+from conftest import MODEL, memlint, server_environment, served_analyses, server_state
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the analysis server runs on Linux only")
-
-
-def memlint_in(environment: dict[str, str], *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "memlint", *args], capture_output=True, text=True, cwd=cwd,
-                          env=environment, timeout=300)
 
 
 def spawning(environment: dict[str, str]) -> dict[str, str]:
@@ -36,7 +29,8 @@ WHAT_THE_FILE_SEES = MODEL + '''
 import json, os, sys
 import helper, extra_helper
 json.dump({"path": sys.path[:2], "argv": [os.path.basename(a) for a in sys.argv], "cwd": os.getcwd(),
-           "flavour": os.environ.get("MODEL_FLAVOUR"), "name": __name__.rstrip("0123456789"), "helpers": [helper.NAME, extra_helper.NAME],
+           "flavour": os.environ.get("MODEL_FLAVOUR"), "name": __name__.rstrip("0123456789"),
+           "helpers": [helper.NAME, extra_helper.NAME],
            "stdin": sys.stdin.read()}, open(os.environ["RECORD"], "w"))
 '''
 
@@ -53,11 +47,11 @@ def test_a_served_check_answers_and_runs_the_file_as_a_spawned_one(analysis_serv
         environment = {**(spawning(analysis_server) if how == "spawned" else analysis_server),
                        "PYTHONPATH": str(extra), "MODEL_FLAVOUR": "plain", "RECORD": str(tmp_path / f"{how}.json")}
         before = served_analyses(analysis_server)
-        done = memlint_in(environment, "check", "model.py", "--input-shape", "64", "--output-format", "json",
-                          cwd=tree)
-        assert done.returncode in (0, 1), done.stdout + done.stderr
+        done = memlint("check", "model.py", "--input-shape", "64", "--output-format", "json", cwd=tree,
+                       env=environment)
+        assert done.code in (0, 1), done.out + done.err
         assert served_analyses(analysis_server) - before == (how == "served")
-        outputs[how], seen[how] = json.loads(done.stdout), json.loads((tmp_path / f"{how}.json").read_text())
+        outputs[how], seen[how] = json.loads(done.out), json.loads((tmp_path / f"{how}.json").read_text())
     assert seen["served"] == seen["spawned"]
     assert seen["served"]["path"] == [str(tree), str(extra)] and seen["served"]["flavour"] == "plain"
     assert seen["served"]["stdin"] == ""  # the request was read by memlint; the user's code finds stdin empty
@@ -76,9 +70,9 @@ def test_a_served_analysis_is_kept_by_the_cache_with_what_it_read(analysis_serve
     runs = []
     for _ in range(2):
         before = served_analyses(analysis_server)
-        done = memlint_in(environment, "check", str(path), "--input-shape", "64", "--output-format", "json")
-        assert done.returncode in (0, 1), done.stderr
-        runs.append((served_analyses(analysis_server) - before, json.loads(done.stdout)))
+        done = memlint("check", str(path), "--input-shape", "64", "--output-format", "json", env=environment)
+        assert done.code in (0, 1), done.err
+        runs.append((served_analyses(analysis_server) - before, json.loads(done.out)))
     assert [count for count, _ in runs] == [1, 0]  # the second check was answered from the cache
     assert runs[0][1] == runs[1][1]
     (entry,) = (tmp_path / "cache").glob("*.json")
@@ -93,54 +87,52 @@ def test_a_server_serves_only_checks_of_its_own_environment(analysis_server, tmp
     before = served_analyses(analysis_server)
     # torch reads TORCH_* variables at import: the server imported it with other values.
     environment = {**analysis_server, "TORCH_SHOW_CPP_STACKTRACES": "1"}
-    done = memlint_in(environment, "check", str(path), "--input-shape", "64")
-    assert done.returncode in (0, 1), done.stderr
-    assert memlint_in(environment, "server", "status").returncode == 1  # none for that environment
-    done = memlint_in(spawning(analysis_server), "check", str(path), "--input-shape", "64")
-    assert done.returncode in (0, 1), done.stderr
+    done = memlint("check", str(path), "--input-shape", "64", env=environment)
+    assert done.code in (0, 1), done.err
+    assert memlint("server", "status", env=environment).code == 1  # none for that environment
+    done = memlint("check", str(path), "--input-shape", "64", env=spawning(analysis_server))
+    assert done.code in (0, 1), done.err
     assert served_analyses(analysis_server) == before
 
 
 def test_a_server_starts_once_stops_when_idle_and_a_dead_one_is_replaced(tmp_path):
-    folder = tempfile.mkdtemp(prefix="mls-", dir="/tmp")
-    environment = {**os.environ, "TMPDIR": folder}
-    environment.pop("MEMLINT_NO_SERVER")
-    socket_folder = Path(folder) / f"memlint-{os.getuid()}"
+    environment = server_environment()
+    socket_folder = Path(environment["TMPDIR"]) / f"memlint-{os.getuid()}"
     path = tmp_path / "model.py"
     path.write_text(MODEL)
 
-    first = memlint_in(environment, "server", "start", "--idle-timeout", "300")
-    assert first.returncode == 0 and "started" in first.stdout, first.stdout + first.stderr
-    again = memlint_in(environment, "server", "start")
-    assert again.returncode == 0 and "already running" in again.stdout
+    first = memlint("server", "start", "--idle-timeout", "300", env=environment)
+    assert first.code == 0 and "started" in first.out, first.out + first.err
+    again = memlint("server", "start", env=environment)
+    assert again.code == 0 and "already running" in again.out
     assert oct(socket_folder.stat().st_mode & 0o777) == "0o700"
-    pid = int(first.stdout.split("pid ")[1].split(",")[0])
+    pid = int(first.out.split("pid ")[1].split(",")[0])
     os.kill(pid, signal.SIGKILL)  # no chance to remove its socket
     while Path(f"/proc/{pid}").exists() and open(f"/proc/{pid}/stat").read().split(") ")[1][0] not in "ZX":
         time.sleep(0.05)
     assert list(socket_folder.glob("*.sock")), "the dead server's socket should still be there"
-    done = memlint_in(environment, "check", str(path), "--input-shape", "64")
-    assert done.returncode in (0, 1) and "Traceback" not in done.stderr, done.stderr  # spawned instead
-    assert memlint_in(environment, "server", "status").returncode == 1
+    done = memlint("check", str(path), "--input-shape", "64", env=environment)
+    assert done.code in (0, 1) and "Traceback" not in done.err, done.err  # spawned instead
+    assert memlint("server", "status", env=environment).code == 1
 
-    second = memlint_in(environment, "server", "start", "--idle-timeout", "1")
-    assert second.returncode == 0 and "started" in second.stdout, second.stdout + second.stderr
+    second = memlint("server", "start", "--idle-timeout", "1", env=environment)
+    assert second.code == 0 and "started" in second.out, second.out + second.err
     deadline = time.monotonic() + 30
     while list(socket_folder.glob("*.sock")) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not list(socket_folder.glob("*.sock")), "an idle server should stop and remove its socket"
-    stopped = memlint_in(environment, "server", "stop")
-    assert stopped.returncode == 0 and "none running" in stopped.stdout
-    status = memlint_in(environment, "server", "status", "--json")
-    assert status.returncode == 1 and json.loads(status.stdout) == {"running": False}
+    stopped = memlint("server", "stop", env=environment)
+    assert stopped.code == 0 and "none running" in stopped.out
+    status = memlint("server", "status", "--json", env=environment)
+    assert status.code == 1 and json.loads(status.out) == {"running": False}
 
 
 def test_server_command_errors_are_one_paragraph():
-    done = memlint_in({**os.environ}, "server", "start", "--idle-timeout", "0")
-    assert done.returncode == 2 and "--idle-timeout must be a positive number" in done.stderr
-    assert "Traceback" not in done.stderr
-    done = memlint_in({**os.environ}, "server", "restart")
-    assert done.returncode == 2 and "invalid choice" in done.stderr
+    done = memlint("server", "start", "--idle-timeout", "0")
+    assert done.code == 2 and "--idle-timeout must be a positive number" in done.err
+    assert "Traceback" not in done.err
+    done = memlint("server", "restart")
+    assert done.code == 2 and "invalid choice" in done.err
 
 
 def test_the_server_learns_the_installed_modules_an_analysis_imports_never_the_users(analysis_server, tmp_path):
@@ -151,13 +143,13 @@ def test_the_server_learns_the_installed_modules_an_analysis_imports_never_the_u
 
     outputs = []
     for _ in range(2):
-        done = memlint_in(analysis_server, "check", "model.py", "--input-shape", "64", "--output-format", "json",
-                          cwd=tree)
-        assert done.returncode in (0, 1), done.stderr
-        outputs.append(json.loads(done.stdout))
+        done = memlint("check", "model.py", "--input-shape", "64", "--output-format", "json", cwd=tree,
+                       env=analysis_server)
+        assert done.code in (0, 1), done.err
+        outputs.append(json.loads(done.out))
         deadline = time.monotonic() + 30
-        while server_state(analysis_server)["learned"] == 0 and time.monotonic() < deadline:  # imported while the server is idle
-            time.sleep(0.2)
+        while server_state(analysis_server)["learned"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the server imports what it learned while it is idle
     assert outputs[0] == outputs[1]
     (imports,) = (Path(analysis_server["TMPDIR"]) / f"memlint-{os.getuid()}").glob("*.imports")
     names = json.loads(imports.read_text())
