@@ -29,6 +29,7 @@ from memlint.targets import Target
 from memlint.tracing import TraceResult, trace_model
 
 MAX_BATCH_LIMIT = 1 << 16  # search no further: such a batch is a configuration, not a plan
+AFFINE, CURVED, APART = "affine", "curved", "apart"  # how two simulated batch sizes interpolate (_pair_kind)
 
 @dataclass
 class Workload:
@@ -96,7 +97,9 @@ class Estimator:
         self.kernels = "cuda" if target.kind == "gpu" else "cpu"  # whose kernels the step follows (simulate.py)
         self.evaluations: dict[int, Evaluation] = {}
         self.simulated: dict[int, Ledger] = {}
-        self.interpolable: dict[tuple[int, int], bool] = {}  # two simulated batch sizes: same_allocations?
+        self.pair_kinds: dict[tuple[int, int], str] = {}  # two simulated batch sizes: how they interpolate
+        self.curve: tuple[int, int, int] | None = None  # three simulated batch sizes that interpolate quadratically
+        self.simulate_every_size = False  # where interpolation failed (max_batch_size): no more of it
         self.scale = ScalePlan(self.model, workload, target)
         self.bool_answer = True  # see _traced_and_simulated
         self.probes_misalign = False  # see _from_first_iteration
@@ -171,19 +174,52 @@ class Estimator:
         return self.evaluations[batch_size]
 
     def _step_at(self, batch_size: int) -> tuple[Ledger, list[int] | None]:
-        """The step's events and sizes at a batch size: interpolated between two simulated batch sizes that
-        ran the same ops (the first one's events, other sizes); else simulated (its own sizes: None)."""
-        for b1, b2 in itertools.combinations(sorted(self.simulated), 2):
-            sizes = self._interpolation(b1, b2, batch_size)
+        """The step's events and sizes at a batch size: interpolated (the events of a simulation, other sizes)
+        affinely between the first two simulated batch sizes, in sorted order, that allow it
+        (``_pair_kind``), or quadratically through ``curve``, fitted where the first pair that ran the
+        same ops is curved; else simulated (its own sizes: None)."""
+        if self.curve is None and not self.simulate_every_size:
+            for b1, b2 in itertools.combinations(sorted(self.simulated), 2):
+                sizes = self._interpolation(b1, b2, batch_size)
+                if sizes is not None:
+                    return self.simulated[b1], sizes
+                if self._pair_kind(b1, b2) == CURVED:
+                    self._fit_curve(b1, b2)
+                    break
+        if self.curve is not None:
+            sizes = interpolated_sizes(self._points(self.curve), batch_size)
             if sizes is not None:
-                return self.simulated[b1], sizes
+                return self.simulated[self.curve[0]], sizes
         return self.simulated_ledger(batch_size), None
 
     def _interpolation(self, b1: int, b2: int, batch_size: int) -> list[int] | None:
-        if (b1, b2) not in self.interpolable:
-            self.interpolable[b1, b2] = same_allocations(self.simulated[b1], self.simulated[b2])
-        return interpolated_sizes(self.simulated[b1], b1, self.simulated[b2], b2, batch_size) \
-            if self.interpolable[b1, b2] else None
+        return interpolated_sizes(self._points((b1, b2)), batch_size) if self._pair_kind(b1, b2) == AFFINE else None
+
+    def _pair_kind(self, b1: int, b2: int) -> str:
+        """How two simulated batch sizes ``b1 < b2`` interpolate: APART where they ran different ops (the ops
+        depend on the batch size); CURVED where a storage grows faster than the batch between them
+        (``s2 * b1 > s1 * b2``), which an affine size with no negative constant never does, and a
+        batch-by-batch product does (contrastive logits, every sample against every other: a line through
+        two points of it passes under the curve beyond them); else AFFINE."""
+        kind = self.pair_kinds.get((b1, b2))
+        if kind is None:
+            first, second = self.simulated[b1], self.simulated[b2]
+            kind = APART if not same_allocations(first, second) else CURVED if any(
+                s2.nbytes * b1 > s1.nbytes * b2 for s1, s2 in zip(first.storages, second.storages)) else AFFINE
+            self.pair_kinds[b1, b2] = kind
+        return kind
+
+    def _fit_curve(self, b1: int, b2: int) -> None:
+        """Interpolate quadratically through a third simulation, at ``2 * b2``; where that one runs other
+        ops, simulate every batch size instead."""
+        b3 = 2 * b2
+        if same_allocations(self.simulated[b1], self.simulated_ledger(b3)):
+            self.curve = (b1, b2, b3)
+        else:
+            self.simulate_every_size = True
+
+    def _points(self, batch_sizes: tuple[int, ...]) -> list[tuple[Ledger, int]]:
+        return [(self.simulated[size], size) for size in batch_sizes]
 
     def _interpolated_regardless(self, batch_size: int) -> bool:
         """Whether ``_step_at(batch_size)`` would interpolate the same with a simulation at ``batch_size``.
@@ -220,15 +256,28 @@ class Estimator:
         """The largest batch that runs, found the way it is measured: doubling from 1, then bisection.
 
         The caching allocator makes "fits" slightly non-monotonic near the limit, so the
-        procedure matters; this is the one of the calibration protocol. The answer is then
+        procedure matters; this is the one of the calibration protocol. Its probes are
+        interpolated between simulated batch sizes (``_step_at``). An affine search's answer is
         evaluated again with a simulation at it, where that simulation takes part in its
         interpolation (``_interpolated_regardless``): an answer beyond the simulated sizes keeps
-        the interpolation from the first pair, so it is not simulated.
+        the interpolation from the first pair, so it is not simulated. A quadratic search's answer
+        (or 1, where none fits) is simulated: where that simulation is not what the curve
+        predicted, the search runs again with every probe simulated.
         """
         if 1 in self.simulated and not self.evaluate(1).fits:
             return None  # nothing fits: no second simulation needed (a third of a 70B model's analysis)
         if len(self.simulated) < 2:
             self.simulated_ledger(2 * max(self.simulated, default=1))
+        answer = self._doubling_then_bisection()
+        if answer is not None and self.curve is None and not self.simulate_every_size:
+            answer = self._answer_simulated(answer)
+        if self.curve is None or self._curve_predicts(answer or 1):
+            return answer
+        self.curve, self.simulate_every_size = None, True
+        self.evaluations.clear()
+        return self._doubling_then_bisection()
+
+    def _doubling_then_bisection(self) -> int | None:
         if not self.evaluate(1).fits:
             return None
         good = 1
@@ -238,15 +287,28 @@ class Estimator:
         while bad - good > 1:
             middle = (good + bad) // 2
             good, bad = (middle, bad) if self.evaluate(middle).fits else (good, middle)
+        return good
+
+    def _answer_simulated(self, good: int) -> int:
+        """The affine search's answer, or the largest batch below it that fits where a simulation at it
+        takes part in its interpolation."""
         while good > 1 and good not in self.simulated:
-            del self.evaluations[good]
             if not self._interpolated_regardless(good):
                 self.simulated_ledger(good)
+                self.evaluations.pop(good, None)  # evaluated again on the step its own simulation joins
             if self.evaluate(good).fits:
                 break
             self.simulated_ledger(good)  # the next candidates interpolate with it too
             good -= 1
         return good
+
+    def _curve_predicts(self, batch_size: int) -> bool:
+        """Whether a simulation at ``batch_size`` allocates what the quadratic interpolation gave it."""
+        assert self.curve is not None
+        predicted = interpolated_sizes(self._points(self.curve), batch_size)
+        simulated = self.simulated_ledger(batch_size)
+        return same_allocations(self.simulated[self.curve[0]], simulated) and \
+            predicted == [storage.nbytes for storage in simulated.storages]
 
 
 def smallest_sufficient_cap(ledger: Ledger, sizes: list[int] | None = None,

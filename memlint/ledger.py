@@ -6,7 +6,9 @@ record serves the verdict, the table and the plot. Plain Python: no torch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 from typing import Callable
 
 from memlint.report import TimelinePoint
@@ -295,14 +297,22 @@ def _batch_dependent_allocations(ledger: Ledger, events: list[tuple[int, int, st
             and not ledger.storages[sid].persistent_workspace]
 
 
-def interpolated_sizes(first: Ledger, first_batch: int, second: Ledger, second_batch: int,
-                       batch: int) -> list[int] | None:
-    """The storages' sizes at ``batch`` from two simulations with ``same_allocations`` (their events are the first's).
+def interpolated_sizes(points: list[tuple[Ledger, int]], batch: int) -> list[int] | None:
+    """The storages' sizes at ``batch`` from simulations at other batch sizes with ``same_allocations``
+    (their events are the first's): each storage's, on the polynomial through its sizes there.
 
-    Every storage's size is then affine in the batch size (a shape's batch dimension times
-    the rest), so two points determine it; sizes round up, never down. Returns None where
-    a size would be negative. Sizes, not a ledger: the batch search replays some twenty of them.
+    Two points: every size affine in the batch size (a shape's batch dimension times the rest).
+    Three: quadratic, as a batch-by-batch product makes it (contrastive logits, pairwise distances
+    within the batch; ``Estimator.max_batch_size`` takes a third where a size outgrows the batch).
+    Sizes round up, never down. Returns None where a size would be negative. Sizes, not a ledger:
+    the batch search replays some twenty of them.
     """
-    span, steps = second_batch - first_batch, batch - first_batch
-    sizes = [a.nbytes + -(-(b.nbytes - a.nbytes) * steps // span) for a, b in zip(first.storages, second.storages)]
+    # Lagrange's weights at ``batch``, as integers over one denominator (exact: no float rounds a size).
+    weights = [math.prod(Fraction(batch - other, at - other) for j, (_, other) in enumerate(points) if j != i)
+               for i, (_, at) in enumerate(points)]
+    denominator = math.lcm(*(weight.denominator for weight in weights))
+    numerators = [int(weight * denominator) for weight in weights]
+    scaled = ([numerator * storage.nbytes for storage in ledger.storages]
+              for numerator, (ledger, _) in zip(numerators, points))
+    sizes = [-(-total // denominator) for total in map(sum, zip(*scaled))]
     return None if sizes and min(sizes) < 0 else sizes

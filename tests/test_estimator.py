@@ -11,7 +11,7 @@ from torch import nn
 import memlint.estimator
 from memlint.allocator import OutOfMemory, fits_without_replay, replay_allocator, round_size
 from memlint.estimator import Estimator, Workload, analyse
-from memlint.ledger import Ledger
+from memlint.ledger import Ledger, interpolated_sizes
 from memlint.targets import resolve_target
 
 
@@ -371,6 +371,81 @@ def test_the_answer_is_simulated_where_that_can_change_its_verdict(monkeypatch, 
     answer, reserved, simulated = search()
     monkeypatch.setattr(Estimator, "_interpolated_regardless", lambda self, batch_size: False)
     assert simulated == answer_simulated and (answer, reserved) == search()[:2]
+
+
+class PairwiseLogits(nn.Module):
+    """A contrastive head: every sample's projection against every other's, so the loss's logits and their
+    gradients grow with the square of the batch (``cube=True``: every triple of samples, the cube)."""
+
+    def __init__(self, cube: bool = False) -> None:
+        super().__init__()
+        self.projection = nn.Linear(64, 32)
+        self.cube = cube
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.projection(x)
+        logits = features @ features.T
+        return logits[:, :, None] - logits[:, None, :] if self.cube else logits
+
+
+def contrastive_loss(logits: torch.Tensor, _batch) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.flatten(1), torch.arange(logits.shape[0]))
+
+
+def pairwise_search(batch: int, cube: bool, every_size: bool) -> tuple[int | None, Estimator]:
+    """The largest batch of a PairwiseLogits model on 128 MiB, the step simulated at ``batch``; with
+    ``every_size``, every probe of the search simulated (no interpolation)."""
+    estimator = Estimator(workload(lambda: PairwiseLogits(cube), batch, shape=(64,), loss=contrastive_loss),
+                          resolve_target("mem:128MiB"), 0.8)
+    estimator.simulated_ledger(batch)
+    estimator.simulate_every_size = every_size
+    return estimator.max_batch_size(), estimator
+
+
+@pytest.mark.parametrize("batch", [16, 64, 3000])
+def test_a_batch_by_batch_product_is_searched_on_a_parabola(batch):
+    """A line through two simulated batch sizes passes under a quadratic size beyond them: the search
+    answered 18,016 from a step at batch 64 where 1,321 is the largest that fits, and a different answer
+    for each batch size asked. Through a third simulation the sizes are exact, and so is the answer,
+    with four simulations where simulating every probe takes twenty."""
+    exact, _ = pairwise_search(64, cube=False, every_size=True)
+    answer, estimator = pairwise_search(batch, cube=False, every_size=False)
+    assert answer == exact == 1321
+    assert estimator.curve is not None and not estimator.simulate_every_size and len(estimator.simulated) == 4
+
+
+def test_a_size_the_parabola_misses_makes_the_search_simulate_every_probe():
+    """Sizes of a higher degree (every triple of the batch): the simulation at the parabola's answer is not
+    what it predicted, and the search runs again with every probe simulated."""
+    exact, _ = pairwise_search(64, cube=True, every_size=True)
+    answer, estimator = pairwise_search(64, cube=True, every_size=False)
+    assert answer == exact and answer is not None and estimator.simulate_every_size
+
+
+@pytest.mark.parametrize("build, shape, target", [(mlp, (512,), "mem:128MiB"), (small_cnn, (3, 64, 64), "gtx1050ti")])
+def test_sizes_affine_in_the_batch_take_no_third_simulation(build, shape, target):
+    estimator = Estimator(workload(build, shape=shape), resolve_target(target), 0.8)
+    estimator.simulated_ledger(8)
+    assert estimator.max_batch_size() is not None
+    assert estimator.curve is None and not estimator.simulate_every_size and sorted(estimator.simulated) == [8, 16]
+
+
+@pytest.mark.parametrize("degree", [1, 2])
+def test_interpolated_sizes_are_exact_on_their_polynomial_and_round_up(degree):
+    def ledger(batch: int) -> Ledger:
+        made = Ledger()
+        for constant, linear, square in [(4096, 0, 0), (0, 512, 0), (100, 3, 0), (0, 0, 4), (7, 5, 2)]:
+            made.allocate(constant + linear * batch + square * batch * batch * (degree == 2), "activations", None,
+                          "forward")
+        return made
+
+    points = [(ledger(batch), batch) for batch in (8, 16, 32)[:degree + 1]]
+    for batch in (1, 9, 24, 100, 5000):
+        assert interpolated_sizes(points, batch) == [info.nbytes for info in ledger(batch).storages]
+    uneven = [Ledger(), Ledger()]
+    for made, nbytes in zip(uneven, (1024, 1537)):
+        made.allocate(nbytes, "activations", None, "forward")
+    assert interpolated_sizes([(uneven[0], 2), (uneven[1], 4)], 3) == [1281]  # 1,280.5, rounded up
 
 
 class Lstm(nn.Module):
