@@ -178,9 +178,10 @@ class MemlintFakeMode(FakeTensorMode):
                     and tensor.storage_offset() == 0 and not tensor.requires_grad):
                 return None
             storage = tensor.untyped_storage()
-            if storage._cdata in inputs or storage.nbytes() != _dense_nbytes(tensor):
+            layout = _layout(tensor)
+            if storage._cdata in inputs or storage.nbytes() != strided_nbytes(*layout[:3]):
                 return None
-            layouts.append(_layout(tensor))
+            layouts.append(layout)
         return container, tuple(layouts)
 
     def _learn_rule(self, shape_free: tuple[tuple, FakeTensor] | None, recipe: Recipe | None) -> None:
@@ -247,12 +248,11 @@ def _meta(shape: Any, stride: Any, dtype: torch.dtype) -> torch.Tensor:
         return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
 
 
-def _dense_nbytes(tensor: torch.Tensor) -> int:
-    """The bytes ``empty_strided`` gives a tensor of this layout (the storage a fresh output needs)."""
-    if tensor.numel() == 0:
+def strided_nbytes(shape: Any, stride: Any, dtype: torch.dtype) -> int:
+    """The bytes ``empty_strided(shape, stride, dtype=dtype)`` allocates (the storage a fresh output needs)."""
+    if 0 in shape:
         return 0
-    extent = 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
-    return extent * tensor.element_size()
+    return (1 + sum((size - 1) * step for size, step in zip(shape, stride))) * dtype.itemsize
 
 
 # The kinds of op the mode answers itself (see _kind).

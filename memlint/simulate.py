@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from memlint.autocast import CudaAutocastMode
+from memlint.fakemode import strided_nbytes
 from memlint.ledger import FREE, Ledger, StorageInfo
 from memlint.onednn import lstm_workspace_bytes
 from memlint.recompute import modes_survive_recomputation
@@ -780,7 +781,7 @@ def _give_gradients(tracker: StorageTracker, gradients: list[Gradient]) -> None:
     storages: dict[int, torch.Tensor] = {}
     for parameter, sid, size, stride, offset, dtype in gradients:
         nbytes = tracker.ledger.storages[sid].nbytes
-        if sharers[sid] == 1 and offset == 0 and _strided_bytes(size, stride, dtype) == nbytes:
+        if sharers[sid] == 1 and offset == 0 and strided_nbytes(size, stride, dtype) == nbytes:
             parameter.grad = torch.empty_strided(size, stride, dtype=dtype, device=parameter.device)
             tracker.adopt(parameter.grad, sid)
             continue
@@ -789,13 +790,6 @@ def _give_gradients(tracker: StorageTracker, gradients: list[Gradient]) -> None:
             storage = storages[sid] = torch.empty(nbytes // dtype.itemsize, dtype=dtype, device=parameter.device)
             tracker.adopt(storage, sid)
         parameter.grad = storage.as_strided(size, stride, offset)
-
-
-def _strided_bytes(size: tuple[int, ...], stride: tuple[int, ...], dtype: torch.dtype) -> int:
-    """The bytes of the storage that ``torch.empty_strided(size, stride)`` allocates."""
-    if 0 in size:
-        return 0
-    return (1 + sum((length - 1) * step for length, step in zip(size, stride))) * dtype.itemsize
 
 
 def _one_iteration(model: torch.nn.Module, plan: StepPlan, tracker: StorageTracker,
