@@ -245,6 +245,14 @@ def lint_file(file: SourceFile, settings: Settings, target: Target, rules: list[
         ctx.wrapper
     except Exception as exc:  # libcst.ParserSyntaxError and its relatives
         return [_syntax_error(file, exc)], [], None
+    # libcst does not decode string literals; CPython does, and rejects a truncated \u escape, an unknown
+    # \N{name} or a non-ASCII byte in a bytes literal. Only a file with a backslash or a non-ASCII
+    # character can hold one (344 of transformers' 501 modeling files: 4% of the static rules' time).
+    if "\\" in file.text or not file.text.isascii():
+        rejected = _rejected_by_cpython(file)
+        if rejected is not None:
+            file.analyse = False
+            return [rejected], [], None
     if file.candidate:
         file.analyse = defines_model(ctx.module, settings.model)
     return (_apply([r for r in rules if not r.also_model], ctx, needs_model=False),
@@ -278,8 +286,22 @@ def _lint_in_parallel(files: list[SourceFile], settings: Settings, target: Targe
 
 
 def _syntax_error(file: SourceFile, exc: Exception) -> Diagnostic:
-    """E999 where CPython reports it, with its message (``compile`` to an AST only parses, it runs nothing)."""
+    """E999 where libcst does not parse the file: CPython's error, or libcst's where CPython accepts it."""
     file.analyse = False
+    rejected = _rejected_by_cpython(file)
+    if rejected is not None:
+        return rejected
+    # CPython accepts it and libcst does not (a newer syntax): say so, with libcst's reason
+    line = getattr(exc, "raw_line", None) or getattr(exc, "lineno", None) or 1
+    column = (getattr(exc, "raw_column", None) or 0) + 1
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid syntax"
+    return Diagnostic(file.display, int(line), max(1, int(column)), "E999", Severity.ERROR,
+                      f"syntax error: {reason} (memlint's parser, libcst, does not support this syntax)")
+
+
+def _rejected_by_cpython(file: SourceFile) -> Diagnostic | None:
+    """E999 where CPython does not parse the file, with its message (``compile`` to an AST only parses,
+    it runs nothing); else None."""
     try:
         compile(file.text, file.display, "exec", flags=ast.PyCF_ONLY_AST, dont_inherit=True)
     except SyntaxError as error:
@@ -287,11 +309,8 @@ def _syntax_error(file: SourceFile, exc: Exception) -> Diagnostic:
         message = error.msg or "invalid syntax"
     except (ValueError, RecursionError, MemoryError) as error:  # e.g. nested too deeply to parse
         line, column, message = 1, 1, f"cannot be parsed ({type(error).__name__}: {error})"
-    else:  # CPython accepts it and libcst does not (a newer syntax): say so, with libcst's reason
-        line = getattr(exc, "raw_line", None) or getattr(exc, "lineno", None) or 1
-        column = (getattr(exc, "raw_column", None) or 0) + 1
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid syntax"
-        message = f"{reason} (memlint's parser, libcst, does not support this syntax)"
+    else:
+        return None
     return Diagnostic(file.display, int(line), max(1, int(column)), "E999", Severity.ERROR,
                       f"syntax error: {message}")
 
