@@ -40,6 +40,8 @@ class Tally:
 
 def run_sources(count: int, strategy: st.SearchStrategy, name: str, random_seed: int) -> Tally:
     tally = Tally(name)
+    if not count:  # hypothesis refuses max_examples=0
+        return tally
     directory = Path(tempfile.mkdtemp(prefix="memlint-fuzz-"))
 
     @seed(random_seed)
@@ -61,6 +63,8 @@ def run_sources(count: int, strategy: st.SearchStrategy, name: str, random_seed:
 def run_stacks(count: int, random_seed: int) -> tuple[Tally, list[fuzzing.Comparison]]:
     tally = Tally("layer stacks")
     comparisons: list[fuzzing.Comparison] = []
+    if not count:
+        return tally, comparisons
 
     @seed(random_seed)
     @settings(max_examples=count, deadline=None, database=None, suppress_health_check=list(HealthCheck))
